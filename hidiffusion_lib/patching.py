@@ -1,0 +1,189 @@
+"""apply / remove: install HiDiffusion on a live ldm/sgm U-Net and take it out again.
+
+Nothing is replaced: instance ``forward`` attributes on Downsample, Upsample and attn1
+modules and forward hooks on blocks, all marked (see :mod:`.wrapping`). They shadow any
+class-level patch of the host and disappear without a trace on removal.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from .detection import Detected, detect, find_child, transformer_block
+from .mswmsa import record_token_hw, windowed_forward
+from .raunet import input_block_hook, rad_forward, unpool_hook, upsample_forward
+from .schedule import Schedule, active_switches, resolve
+from .settings import Settings
+from .wrapping import marked, unpatch
+
+SWITCHES = ("main", "extra")
+
+
+@dataclass
+class State:
+    """What the patched modules read during one forward; rebuilt at its start."""
+
+    settings: Settings
+    detected: Detected
+    alive: bool = True
+    step: int = 0
+    steps: int | None = None
+    schedule: Schedule | None = None
+    gated: bool = False
+    active: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(SWITCHES, False))
+    windows_on: bool = False
+    shift_indices: list[int] = field(default_factory=list)
+    skip_sizes: dict[int, tuple[int, int]] = field(default_factory=dict)
+    pooled_from: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def begin_forward(self, latent_h: int, latent_w: int) -> None:
+        settings, detected = self.settings, self.detected
+        self.skip_sizes.clear()
+        self.pooled_from.clear()
+        native = settings.native_size or detected.block_map.native_latent
+        self.gated = settings.native_gate and max(latent_h, latent_w) <= native
+        self.schedule = resolve(settings, detected.arch, latent_h, latent_w, detected.inpaint)
+        main, extra = active_switches(self.schedule, self.step, self.steps)
+        use_raunet = settings.raunet and not self.gated
+        self.active["main"] = use_raunet and main
+        self.active["extra"] = use_raunet and extra and detected.block_map.extra is not None
+        self.windows_on = settings.mswmsa and not self.gated
+        if self.windows_on:
+            self.shift_indices = shift_indices(settings, self.step, len(detected.block_map.windowed))
+
+
+def shift_indices(settings: Settings, step: int, count: int) -> list[int]:
+    """The window shift (0..3) of each windowed block at ``step``: a pure function of the
+    settings and the step, so a run is reproducible and never touches the global RNG."""
+    if settings.shift == "fixed":
+        return [settings.shift_index] * count
+    if settings.shift == "cycle":
+        return [(step + k) % 4 for k in range(count)]
+    generator = torch.Generator(device="cpu").manual_seed((settings.seed * 1_000_003 + step) % (1 << 63))
+    return torch.randint(0, 4, (count,), generator=generator).tolist()
+
+
+class HiDiffusionHandle:
+    """A live patch. Tell it the step before each model call; remove it when done."""
+
+    def __init__(self, unet: nn.Module, state: State) -> None:
+        self.unet = unet
+        self.state = state
+
+    @property
+    def settings(self) -> Settings:
+        return self.state.settings
+
+    @property
+    def arch(self) -> str:
+        return self.state.detected.arch
+
+    @property
+    def active(self) -> bool:
+        return self.state.alive
+
+    def set_step(self, step: int, steps: int) -> None:
+        """step: index of the coming denoising step (0-based) in this sampling pass of
+        ``steps`` steps. Decides which RAU-Net switches run and the window shifts."""
+        for name, value, low in (("step", step, 0), ("steps", steps, 1)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"set_step: {name} must be an integer >= {low}, got {value!r}")
+        self.state.step, self.state.steps = int(step), int(steps)
+
+    def schedule_for(self, latent_h: int, latent_w: int) -> Schedule:
+        """The ratios this patch uses at a latent size."""
+        return resolve(self.settings, self.arch, latent_h, latent_w, self.state.detected.inpaint)
+
+    def remove(self) -> None:
+        """Restore the U-Net exactly; safe to call twice."""
+        unpatch(self.unet, self.state)
+        self.state.alive = False
+
+    def __enter__(self) -> HiDiffusionHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+
+def remove(unet: nn.Module) -> int:
+    """Remove every patch of this engine from ``unet`` (stale ones too); returns the number
+    of forwards and hooks taken out."""
+    return unpatch(unet)
+
+
+def apply(unet: nn.Module, settings: Settings | None = None) -> HiDiffusionHandle:
+    """Patch ``unet`` (an ldm/sgm UNetModel) with HiDiffusion and return the handle.
+
+    settings: what to apply; defaults to ``Settings()``. A patch already on ``unet`` is
+    replaced. Bad settings or an unsupported U-Net raise before anything changes.
+    """
+    settings = replace(settings) if settings is not None else Settings()
+    if not isinstance(settings, Settings):
+        raise TypeError(f"settings must be a hidiffusion_lib.Settings, got {type(settings).__name__}")
+    settings.validate()
+    detected = detect(unet, settings.arch)
+    unpatch(unet)
+    state = State(settings, detected)
+    try:
+        _install(unet, state)
+    except BaseException:
+        unpatch(unet, state)
+        raise
+    return HiDiffusionHandle(unet, state)
+
+
+def _install(unet: nn.Module, state: State) -> None:
+    settings, block_map = state.settings, state.detected.block_map
+    if not (settings.raunet or settings.mswmsa):
+        return
+
+    def begin(module, args, kwargs):
+        x = args[0] if args else kwargs["x"]
+        state.begin_forward(int(x.shape[-2]), int(x.shape[-1]))
+
+    unet.input_blocks[0].register_forward_pre_hook(marked(begin, state), with_kwargs=True)
+
+    pools: dict[int, str] = {}
+    rau_switch_of: dict[int, str] = {}
+    if settings.raunet:
+        for name in SWITCHES:
+            switch = getattr(block_map, name)
+            if switch is None:
+                continue
+            if switch.kind == "rad":
+                down = find_child(unet.input_blocks[switch.down], "Downsample")
+                down.forward = rad_forward(down, state, name)
+                rau_switch_of[switch.up] = name
+            else:
+                pools[switch.down] = name
+                unet.output_blocks[switch.up].register_forward_hook(unpool_hook(state, name))
+
+    # Every Upsample resizes to its skip (see raunet.py); that needs the skip sizes.
+    num_inputs = len(unet.input_blocks)
+    skips: set[int] = set(pools)
+    for index, block in enumerate(unet.output_blocks):
+        upsample = find_child(block, "Upsample")
+        if upsample is None:
+            continue
+        skip = num_inputs - 2 - index
+        skips.add(skip)
+        upsample.forward = upsample_forward(upsample, state, skip, rau_switch_of.get(index))
+    for index in sorted(skips):
+        unet.input_blocks[index].register_forward_hook(input_block_hook(state, index, pools.get(index)))
+
+    if settings.mswmsa:
+        cells: dict[int, list] = {}
+        for position, where in enumerate(block_map.windowed):
+            which, block, _ = where
+            blocks = unet.input_blocks if which == "input" else unet.output_blocks
+            spatial = find_child(blocks[block], "SpatialTransformer")
+            if id(spatial) not in cells:
+                cells[id(spatial)] = [None]
+                spatial.register_forward_pre_hook(record_token_hw(state, cells[id(spatial)]), with_kwargs=True)
+            attn = transformer_block(unet, where).attn1
+            attn.forward = windowed_forward(attn, state, position, cells[id(spatial)])

@@ -1,0 +1,85 @@
+"""RAU-Net: resolution-aware downsampling early in sampling, undone on the way up.
+
+RAD: a Downsample's 3x3 conv runs with its own weights at stride 4, padding 2,
+dilation 2 (x4 instead of x2). The conv module itself runs, with those attributes set
+for the call, so class-level patches of ``Conv2d.forward`` (Lora) still apply.
+Pool: avg-pool (ceil mode) after a cross-attention input block, bicubic back after the
+matching output block.
+Every Upsample interpolates to the size of the skip it meets next, as the authors'
+diffusers hack does: that keeps any latent size and both switches consistent, and
+equals the vanilla nearest x2 bit for bit where sizes are even.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch.nn.functional as F
+from torch import nn
+
+from .wrapping import call_original, marked
+
+if TYPE_CHECKING:
+    from .patching import State
+
+
+def rad_forward(downsample: nn.Module, state: State, switch: str) -> Callable:
+    """Instance forward for a Downsample: stride 4 / dilation 2 while ``switch`` is active."""
+    previous = downsample.__dict__.get("forward")
+    op = downsample.op
+
+    def forward(x, *args, **kwargs):
+        if not (state.alive and state.active[switch]):
+            return call_original(downsample, previous, x, *args, **kwargs)
+        saved = op.stride, op.padding, op.dilation
+        op.stride, op.padding, op.dilation = (4, 4), (2, 2), (2, 2)
+        try:
+            return op(x)
+        finally:
+            op.stride, op.padding, op.dilation = saved
+
+    return marked(forward, state, previous)
+
+
+def upsample_forward(upsample: nn.Module, state: State, skip: int, rau_switch: str | None) -> Callable:
+    """Instance forward for an Upsample: interpolate to the size of ``input_blocks[skip]``'s
+    output, with ``settings.rau_mode`` while ``rau_switch`` is active, else nearest."""
+    previous = upsample.__dict__.get("forward")
+
+    def forward(x, *args, **kwargs):
+        size = state.skip_sizes.get(skip)
+        if not state.alive or size is None or x.ndim != 4:
+            return call_original(upsample, previous, x, *args, **kwargs)
+        mode = state.settings.rau_mode if rau_switch is not None and state.active[rau_switch] else "nearest"
+        x = F.interpolate(x, size=size, mode=mode)
+        return upsample.conv(x) if upsample.use_conv else x
+
+    return marked(forward, state, previous)
+
+
+def input_block_hook(state: State, index: int, pool_switch: str | None) -> Callable:
+    """Forward hook on ``input_blocks[index]``: pool its output while ``pool_switch`` is
+    active, and record the output size an Upsample will need."""
+
+    def hook(module, args, output):
+        if pool_switch is not None and state.active[pool_switch]:
+            state.pooled_from[pool_switch] = tuple(output.shape[-2:])
+            output = F.avg_pool2d(output, kernel_size=2, ceil_mode=True)
+        state.skip_sizes[index] = tuple(output.shape[-2:])
+        return output
+
+    return marked(hook, state)
+
+
+def unpool_hook(state: State, pool_switch: str) -> Callable:
+    """Forward hook on the output block that undoes ``pool_switch``: bicubic back to the
+    size recorded before pooling in this same forward."""
+
+    def hook(module, args, output):
+        size = state.pooled_from.pop(pool_switch, None)
+        if size is None:
+            return output
+        return F.interpolate(output, size=size, mode="bicubic")
+
+    return marked(hook, state)

@@ -1,0 +1,69 @@
+"""The authors' presets and which RAU-Net switch is active at a given step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .settings import Settings
+
+# name -> (T1 ratio, T2 ratio), from hidiffusion 0.1.10's switching_threshold_ratio_dict
+PRESETS: dict[str, tuple[float, float]] = {
+    "sd15_1024": (0.4, 0.0),
+    "sd15_2048": (0.7, 0.3),
+    "sdxl_2048": (0.4, 0.0),
+    "sdxl_4096": (0.7, 0.3),
+    "sdxl_turbo_1024": (0.5, 0.0),
+}
+# The aggressive split hands over from the extra RAD to the pool at int(8 / 50 * steps).
+AGGRESSIVE_STEP = 8
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Resolved ratios for one latent size. aggressive applies to SDXL only."""
+
+    preset: str
+    t1: float
+    t2: float
+    aggressive: bool
+
+
+def preset_for(arch: str, latent_h: int, latent_w: int) -> str:
+    """The authors' preset: the larger one once both latent sides reach 2048/4096 px."""
+    if arch in ("sd1", "sd2"):
+        return "sd15_2048" if min(latent_h, latent_w) >= 256 else "sd15_1024"
+    if arch == "sdxl_turbo":
+        return "sdxl_turbo_1024"
+    return "sdxl_4096" if min(latent_h, latent_w) >= 512 else "sdxl_2048"
+
+
+def resolve(settings: Settings, arch: str, latent_h: int, latent_w: int, inpaint: bool = False) -> Schedule:
+    """Ratios for this size: the preset's, overridden by ``settings.t1``/``t2``/``aggressive``."""
+    preset = preset_for(arch, latent_h, latent_w)
+    t1, t2 = PRESETS[preset]
+    aggressive = settings.aggressive
+    if aggressive is None:
+        aggressive = preset == "sdxl_2048" and not inpaint
+    return Schedule(
+        preset,
+        t1 if settings.t1 is None else float(settings.t1),
+        t2 if settings.t2 is None else float(settings.t2),
+        aggressive and arch == "sdxl",
+    )
+
+
+def active_switches(schedule: Schedule, step: int, steps: int | None) -> tuple[bool, bool]:
+    """(main, extra) for ``step`` of a ``steps``-step pass, exactly as the reference:
+    a switch is active while ``step < int(steps * ratio)`` in floating point.
+
+    steps None (the caller never said) counts as step 0 of a long pass: a switch with a
+    ratio above 0 is active.
+    """
+    if steps is None:
+        if schedule.aggressive:
+            return False, True
+        return schedule.t1 > 0, schedule.t2 > 0
+    if schedule.aggressive:
+        handover = int(AGGRESSIVE_STEP / 50 * steps)
+        return handover <= step < int(steps * schedule.t1), step < handover
+    return step < int(steps * schedule.t1), step < int(steps * schedule.t2)

@@ -1,0 +1,170 @@
+"""The webui script's positional arguments: one table for the UI, the API and the batch client.
+
+The order of ARGS is the order of the script's ``ui()`` components and so of
+``alwayson_scripts["HiDiffusion"]["args"]`` in the webui API. Append new arguments at
+the end only: API callers pass them by position.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+from .settings import RAU_MODES, SHIFT_POLICIES, Settings
+
+AUTO_RATIO = -1.0
+MODEL_CHOICES = {"Auto": None, "SD 1.x": "sd1", "SD 2.x": "sd2", "SDXL": "sdxl", "SDXL-Turbo/Lightning": "sdxl_turbo"}
+AGGRESSIVE_CHOICES = {"Auto": None, "On": True, "Off": False}
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One control. kind: "bool", "choice", "ratio" (0..1 or -1 for auto) or "int"."""
+
+    name: str
+    label: str
+    kind: str
+    default: object
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    infotext: str = ""
+    hint: str = ""
+
+    def accepted(self) -> str:
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "choice":
+            return "one of " + ", ".join(map(repr, self.choices))
+        if self.kind == "ratio":
+            return 'a number in [0, 1], or -1 / "auto" for the preset'
+        return f"an integer in [{self.low:g}, {self.high:g}]"
+
+
+ARGS: tuple[Arg, ...] = (
+    Arg("enabled", "HiDiffusion", "bool", False, infotext="HiDiffusion",
+        hint="Generate above the model's training size without duplicated objects, and faster."),
+    Arg("raunet", "RAU-Net", "bool", True, infotext="HiDiffusion RAU-Net",
+        hint="Resolution-aware down/upsampling in the early steps: stops duplicated objects."),
+    Arg("mswmsa", "MSW-MSA", "bool", True, infotext="HiDiffusion MSW-MSA",
+        hint="Shifted-window self-attention in the top blocks: faster at high resolution."),
+    Arg("model", "Model preset", "choice", "Auto", tuple(MODEL_CHOICES), infotext="HiDiffusion model",
+        hint="Block map and ratios; Auto reads the loaded model. SDXL-Turbo/Lightning cannot be detected."),
+    Arg("t1", "T1 ratio (-1 = auto)", "ratio", AUTO_RATIO, low=-1, high=1, infotext="HiDiffusion T1",
+        hint="Fraction of the steps with the main RAU-Net switch on; -1 takes the authors' preset."),
+    Arg("t2", "T2 ratio (-1 = auto)", "ratio", AUTO_RATIO, low=-1, high=1, infotext="HiDiffusion T2",
+        hint="Fraction of the steps with the extra RAU-Net switch on (2048+ px); -1 takes the preset."),
+    Arg("aggressive", "Aggressive (SDXL)", "choice", "Auto", tuple(AGGRESSIVE_CHOICES),
+        infotext="HiDiffusion aggressive",
+        hint="SDXL below 4096 px: the extra switch first, then the main one. Auto follows the authors."),
+    Arg("shift", "Window shift", "choice", "random", SHIFT_POLICIES, infotext="HiDiffusion shift",
+        hint="random: seeded from the image seed; cycle: by step; fixed: the index below."),
+    Arg("shift_index", "Fixed shift index", "int", 0, low=0, high=3, infotext="HiDiffusion shift index",
+        hint="Shift in quarters of a window, used with the fixed policy."),
+    Arg("rau_mode", "RAU interpolation", "choice", "nearest", RAU_MODES, infotext="HiDiffusion RAU mode",
+        hint="How the resolution-aware upsampler interpolates while it is active (authors: nearest)."),
+    Arg("hires", "Apply to hires fix pass", "bool", True, infotext="HiDiffusion hires",
+        hint="Also run HiDiffusion in the hires fix second pass."),
+    Arg("native_gate", "Skip at native resolution", "bool", True, infotext="HiDiffusion native gate",
+        hint="Do nothing when the image is not larger than the model's training size."),
+)
+ARG_NAMES = tuple(a.name for a in ARGS)
+
+
+@dataclass(frozen=True)
+class ScriptArgs:
+    """The script's arguments, validated and typed (ratios None = auto)."""
+
+    enabled: bool
+    raunet: bool
+    mswmsa: bool
+    model: str
+    t1: float | None
+    t2: float | None
+    aggressive: str
+    shift: str
+    shift_index: int
+    rau_mode: str
+    hires: bool
+    native_gate: bool
+
+    def settings(self, seed: int = 0) -> Settings:
+        """Engine settings; ``seed`` seeds the random window shift (the image seed)."""
+        return Settings(
+            raunet=self.raunet, mswmsa=self.mswmsa, t1=self.t1, t2=self.t2,
+            aggressive=AGGRESSIVE_CHOICES[self.aggressive], shift=self.shift,
+            shift_index=self.shift_index, seed=int(seed) % (1 << 63), rau_mode=self.rau_mode,
+            arch=MODEL_CHOICES[self.model], native_gate=self.native_gate,
+        )
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class ArgError(ValueError):
+    """A script argument is out of range or of the wrong type."""
+
+
+def defaults() -> list:
+    return [a.default for a in ARGS]
+
+
+def _parse_one(arg: Arg, position: int, value: object) -> object:
+    where = f"HiDiffusion argument {position} ({arg.name!r})"
+    if arg.kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ArgError(f"{where} must be {arg.accepted()}, got {value!r}")
+    if arg.kind == "choice":
+        for choice in arg.choices:
+            if isinstance(value, str) and value.strip().lower() == choice.lower():
+                return choice
+        raise ArgError(f"{where} must be {arg.accepted()}, got {value!r}")
+    if arg.kind == "ratio":
+        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return None
+        number = _number(value)
+        if number is None or not (number == AUTO_RATIO or 0.0 <= number <= 1.0):
+            raise ArgError(f"{where} must be {arg.accepted()}, got {value!r}")
+        return None if number == AUTO_RATIO else number
+    number = _number(value)
+    if number is None or number != int(number) or not arg.low <= number <= arg.high:
+        raise ArgError(f"{where} must be {arg.accepted()}, got {value!r}")
+    return int(number)
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def parse(values: Sequence) -> ScriptArgs:
+    """Validate positional args in ``ui()`` order; missing trailing ones take defaults.
+
+    Raises ArgError naming the argument, its position and what it accepts.
+    """
+    values = list(values)
+    if len(values) > len(ARGS):
+        raise ArgError(f"HiDiffusion takes at most {len(ARGS)} arguments ({', '.join(ARG_NAMES)}), got {len(values)}")
+    values += [a.default for a in ARGS[len(values):]]
+    return ScriptArgs(*(_parse_one(a, i, v) for i, (a, v) in enumerate(zip(ARGS, values, strict=True))))
+
+
+def to_positional(named: Mapping[str, object]) -> list:
+    """Positional args from a mapping by name (the batch client's job files)."""
+    unknown = sorted(set(named) - set(ARG_NAMES))
+    if unknown:
+        raise ArgError(f"unknown HiDiffusion setting(s) {unknown}; known: {', '.join(ARG_NAMES)}")
+    values = [named.get(a.name, a.default) for a in ARGS]
+    parse(values)
+    return values
