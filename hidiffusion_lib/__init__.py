@@ -10,7 +10,7 @@
 from .blockmap import BLOCK_MAPS, BlockMap, Switch
 from .detection import UnsupportedUNet, detect
 from .patching import HiDiffusionHandle, apply, remove
-from .schedule import PRESETS, Schedule, active_switches, preset_for, resolve
+from .schedule import PRESETS, Schedule, active_switches, gated, preset_for, resolve, step_of_call
 from .settings import ARCHES, RAU_MODES, SHIFT_POLICIES, Settings
 
 __all__ = [
@@ -28,7 +28,9 @@ __all__ = [
     "active_switches",
     "apply",
     "detect",
+    "gated",
     "preset_for",
     "remove",
     "resolve",
+    "step_of_call",
 ]

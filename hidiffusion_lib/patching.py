@@ -16,7 +16,7 @@ from torch import nn
 from .detection import Detected, detect, find_child, transformer_block
 from .mswmsa import record_token_hw, windowed_forward
 from .raunet import input_block_hook, rad_forward, unpool_hook, upsample_forward
-from .schedule import Schedule, active_switches, resolve
+from .schedule import Schedule, active_switches, gated, resolve
 from .settings import Settings
 from .wrapping import marked, unpatch
 
@@ -44,8 +44,7 @@ class State:
         settings, detected = self.settings, self.detected
         self.skip_sizes.clear()
         self.pooled_from.clear()
-        native = settings.native_size or detected.block_map.native_latent
-        self.gated = settings.native_gate and max(latent_h, latent_w) <= native
+        self.gated = gated(settings, detected.block_map.native_latent, latent_h, latent_w)
         self.schedule = resolve(settings, detected.arch, latent_h, latent_w, detected.inpaint)
         main, extra = active_switches(self.schedule, self.step, self.steps)
         use_raunet = settings.raunet and not self.gated
@@ -97,6 +96,10 @@ class HiDiffusionHandle:
     def schedule_for(self, latent_h: int, latent_w: int) -> Schedule:
         """The ratios this patch uses at a latent size."""
         return resolve(self.settings, self.arch, latent_h, latent_w, self.state.detected.inpaint)
+
+    def gated_at(self, latent_h: int, latent_w: int) -> bool:
+        """Whether the native-resolution gate leaves a forward at this latent size vanilla."""
+        return gated(self.settings, self.state.detected.block_map.native_latent, latent_h, latent_w)
 
     def remove(self) -> None:
         """Restore the U-Net exactly; safe to call twice."""

@@ -67,3 +67,18 @@ def active_switches(schedule: Schedule, step: int, steps: int | None) -> tuple[b
         handover = int(AGGRESSIVE_STEP / 50 * steps)
         return handover <= step < int(steps * schedule.t1), step < handover
     return step < int(steps * schedule.t1), step < int(steps * schedule.t2)
+
+
+def step_of_call(call: int, steps: int, total_calls: int) -> int:
+    """The denoising step of the ``call``-th model call (0-based) in a pass of ``steps``
+    steps that makes ``total_calls`` calls: two per step for Heun/DPM2, so both calls of
+    a step map to it and every sampler switches at the same point of the schedule."""
+    if total_calls <= steps:
+        return call
+    return call * steps // total_calls
+
+
+def gated(settings: Settings, native_latent: int, latent_h: int, latent_w: int) -> bool:
+    """True when the native-resolution gate turns HiDiffusion off at this latent size."""
+    native = settings.native_size or native_latent
+    return settings.native_gate and max(latent_h, latent_w) <= native

@@ -12,6 +12,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
+from .schedule import Schedule
 from .settings import RAU_MODES, SHIFT_POLICIES, Settings
 
 AUTO_RATIO = -1.0
@@ -32,6 +33,7 @@ class Arg:
     high: float | None = None
     infotext: str = ""
     hint: str = ""
+    in_settings: bool = False
 
     def accepted(self) -> str:
         if self.kind == "bool":
@@ -60,15 +62,15 @@ ARGS: tuple[Arg, ...] = (
         infotext="HiDiffusion aggressive",
         hint="SDXL below 4096 px: the extra switch first, then the main one. Auto follows the authors."),
     Arg("shift", "Window shift", "choice", "random", SHIFT_POLICIES, infotext="HiDiffusion shift",
-        hint="random: seeded from the image seed; cycle: by step; fixed: the index below."),
+        hint="random: seeded from the image seed; cycle: by step; fixed: the index below.", in_settings=True),
     Arg("shift_index", "Fixed shift index", "int", 0, low=0, high=3, infotext="HiDiffusion shift index",
         hint="Shift in quarters of a window, used with the fixed policy."),
     Arg("rau_mode", "RAU interpolation", "choice", "nearest", RAU_MODES, infotext="HiDiffusion RAU mode",
-        hint="How the resolution-aware upsampler interpolates while it is active (authors: nearest)."),
+        hint="How the resolution-aware upsampler interpolates while active (authors: nearest).", in_settings=True),
     Arg("hires", "Apply to hires fix pass", "bool", True, infotext="HiDiffusion hires",
-        hint="Also run HiDiffusion in the hires fix second pass."),
+        hint="Also run HiDiffusion in the hires fix second pass.", in_settings=True),
     Arg("native_gate", "Skip at native resolution", "bool", True, infotext="HiDiffusion native gate",
-        hint="Do nothing when the image is not larger than the model's training size."),
+        hint="Do nothing when the image is not larger than the model's training size.", in_settings=True),
 )
 ARG_NAMES = tuple(a.name for a in ARGS)
 
@@ -104,7 +106,15 @@ class ScriptArgs:
 
 
 class ArgError(ValueError):
-    """A script argument is out of range or of the wrong type."""
+    """A script argument is out of range or of the wrong type.
+
+    Carries ``status_code`` 422 as an instance attribute: the webui API answers an
+    exception that reaches it with that code and the message as its body.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.status_code = 422
 
 
 def defaults() -> list:
@@ -112,7 +122,7 @@ def defaults() -> list:
 
 
 def _parse_one(arg: Arg, position: int, value: object) -> object:
-    where = f"HiDiffusion argument {position} ({arg.name!r})"
+    where = f"HiDiffusion argument {arg.name!r} (args[{position}])"
     if arg.kind == "bool":
         if isinstance(value, bool):
             return value
@@ -168,3 +178,83 @@ def to_positional(named: Mapping[str, object]) -> list:
     values = [named.get(a.name, a.default) for a in ARGS]
     parse(values)
     return values
+
+
+def infotext(args: ScriptArgs, schedule: Schedule | None = None) -> dict[str, object]:
+    """PNG-info entries for an image made with ``args``: ``HiDiffusion: True``, every
+    control that differs from its default, and the schedule that was resolved."""
+    params: dict[str, object] = {"HiDiffusion": True}
+    default_args = parse(defaults())
+    for arg in ARGS[1:]:
+        value = getattr(args, arg.name)
+        if value != getattr(default_args, arg.name):
+            params[arg.infotext] = "auto" if value is None else value
+    if schedule is not None:
+        aggressive = ", aggressive" if schedule.aggressive else ""
+        params["HiDiffusion schedule"] = f"{schedule.preset}: T1 {schedule.t1:g}, T2 {schedule.t2:g}{aggressive}"
+    return params
+
+
+def from_infotext(arg: Arg, params: Mapping[str, object]) -> object | None:
+    """The control value to paste from parsed infotext ``params``. Without HiDiffusion in
+    the infotext it is switched off and the other controls are left alone (None); a missing
+    or unreadable entry takes the default, so old and partial infotexts paste."""
+    if "HiDiffusion" not in params:
+        return False if arg.name == "enabled" else None
+    raw = params.get(arg.infotext)
+    if raw is None:
+        return arg.default
+    try:
+        value = _parse_one(arg, ARGS.index(arg), raw)
+    except ArgError:
+        return arg.default
+    return AUTO_RATIO if arg.kind == "ratio" and value is None else value
+
+
+# X/Y/Z plot axes: label, value type, closed choices, the named args a value sets.
+MODES = {
+    "off": {"enabled": False},
+    "RAU-Net": {"enabled": True, "raunet": True, "mswmsa": False},
+    "MSW-MSA": {"enabled": True, "raunet": False, "mswmsa": True},
+    "full": {"enabled": True, "raunet": True, "mswmsa": True},
+}
+
+
+@dataclass(frozen=True)
+class Axis:
+    label: str
+    kind: str  # "choice" or "float"
+    choices: tuple[str, ...]
+    arg: str  # the argument it sets, or "mode"
+
+    def updates(self, value: object) -> dict[str, object]:
+        """Named args for one cell; raises ArgError for a value the argument refuses."""
+        if self.arg == "mode":
+            if value not in MODES:
+                raise ArgError(f"HiDiffusion mode must be one of {', '.join(MODES)}, got {value!r}")
+            return dict(MODES[value])
+        arg = ARGS[ARG_NAMES.index(self.arg)]
+        parsed = _parse_one(arg, ARGS.index(arg), value)
+        return {self.arg: AUTO_RATIO if arg.kind == "ratio" and parsed is None else parsed}
+
+
+AXES: tuple[Axis, ...] = (
+    Axis("[HiDiffusion] Mode", "choice", tuple(MODES), "mode"),
+    Axis("[HiDiffusion] Enabled", "choice", ("True", "False"), "enabled"),
+    Axis("[HiDiffusion] RAU-Net", "choice", ("True", "False"), "raunet"),
+    Axis("[HiDiffusion] MSW-MSA", "choice", ("True", "False"), "mswmsa"),
+    Axis("[HiDiffusion] T1 ratio", "float", (), "t1"),
+    Axis("[HiDiffusion] T2 ratio", "float", (), "t2"),
+    Axis("[HiDiffusion] Model preset", "choice", tuple(MODEL_CHOICES), "model"),
+    Axis("[HiDiffusion] Window shift", "choice", SHIFT_POLICIES, "shift"),
+)
+
+
+def merge_axis_values(ui_args: Sequence, axis_values: Mapping[str, object]) -> list:
+    """UI args overridden by X/Y/Z cell values (by name). A cell that sets any HiDiffusion
+    value but not "enabled" turns HiDiffusion on: sweeping T1 with it off would be a no-op."""
+    named = dict(zip(ARG_NAMES, list(ui_args) + defaults()[len(ui_args):], strict=True))
+    named.update(axis_values)
+    if axis_values and "enabled" not in axis_values:
+        named["enabled"] = True
+    return [named[name] for name in ARG_NAMES]

@@ -33,6 +33,11 @@ def call_original(module: nn.Module, previous: Callable | None, *args, **kwargs)
     return type(module).forward(module, *args, **kwargs)
 
 
+def _switch_off(fn: Callable) -> None:
+    if fn.state is not None:
+        fn.state.alive = False
+
+
 def _buried(fn: object):
     """Our forwards hidden under someone else's wrapper (functools.wraps' __wrapped__)."""
     seen = 0
@@ -52,7 +57,7 @@ def unpatch(root: nn.Module, state: object | None = None) -> int:
         current = module.__dict__.get("forward")
         for fn in _buried(current):
             if state is None or fn.state is state:
-                fn.state.alive = False
+                _switch_off(fn)
         if is_ours(current) and (state is None or current.state is state):
             previous = current.previous
             while is_ours(previous):
@@ -68,7 +73,7 @@ def unpatch(root: nn.Module, state: object | None = None) -> int:
         ):
             for key, fn in list(hooks.items()):
                 if is_ours(fn) and (state is None or fn.state is state):
-                    fn.state.alive = False
+                    _switch_off(fn)
                     del hooks[key]
                     for companion in companions:
                         companion.pop(key, None)

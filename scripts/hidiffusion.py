@@ -1,0 +1,228 @@
+"""HiDiffusion for the AUTOMATIC1111 webui: the thin glue between its hooks and hidiffusion_lib.
+
+Lifecycle: ``process`` cleans any stale patch and validates the arguments;
+``process_before_every_sampling`` patches the U-Net for each sampling pass (first pass,
+hires fix pass); the ``on_cfg_denoiser`` callback tells the engine the step before every
+model call; ``postprocess`` removes the patch. The webui skips ``postprocess`` when a
+generation raises, so the next ``process`` and every model load clean up as well.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+from modules import script_callbacks, scripts, shared
+from modules.ui_components import InputAccordion
+
+import hidiffusion_lib as hd
+from hidiffusion_lib import script_args as sa
+from hidiffusion_lib.wrapping import marked
+
+SECTION = ("hidiffusion", "HiDiffusion")
+
+
+class _Run:
+    """The live patch of the current generation, shared with the denoiser callback."""
+
+    handle: hd.HiDiffusionHandle | None = None
+
+    @classmethod
+    def end(cls, unet=None) -> None:
+        if cls.handle is not None:
+            cls.handle.remove()
+            cls.handle = None
+        if unet is not None:
+            hd.remove(unet)
+
+
+def _unet(p):
+    return p.sd_model.model.diffusion_model
+
+
+def _model_arch(sd_model) -> str | None:
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    if getattr(sd_model, "is_sd1", False):
+        return "sd1"
+    return None
+
+
+def _refuse(unet, error: sa.ArgError) -> None:
+    """Fail the generation with ``error`` at the first U-Net call: the webui swallows
+    exceptions raised in script hooks, but one raised by the model reaches the API caller
+    (as HTTP 422, see ArgError) and the UI, instead of a silently different image."""
+
+    def hook(module, args):
+        hd.remove(module)
+        raise error
+
+    unet.register_forward_pre_hook(marked(hook, None))
+
+
+class HiDiffusionScript(scripts.Script):
+    def title(self):
+        return "HiDiffusion"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        tab = "img2img" if is_img2img else "txt2img"
+        components = {}
+        with InputAccordion(False, label="HiDiffusion", elem_id=f"hidiffusion_{tab}") as enabled:
+            components["enabled"] = enabled
+            with gr.Row():
+                for name in ("raunet", "mswmsa", "model"):
+                    components[name] = _component(name, tab)
+            with gr.Accordion("Advanced", open=False, elem_id=f"hidiffusion_{tab}_advanced"), gr.Row():
+                for arg in sa.ARGS:
+                    if arg.name not in components:
+                        components[arg.name] = _component(arg.name, tab)
+        ordered = [components[name] for name in sa.ARG_NAMES]
+        self.infotext_fields = [
+            (component, lambda params, arg=arg: sa.from_infotext(arg, params))
+            for component, arg in zip(ordered, sa.ARGS, strict=True)
+        ]
+        self.paste_field_names = [arg.infotext for arg in sa.ARGS]
+        return ordered
+
+    def process(self, p, *args):
+        unet = _unet(p)
+        _Run.end(unet)
+        p.hidiffusion_args = p.hidiffusion_refused = None
+        # X/Y/Z cells are shallow copies sharing this dict: drop what an earlier cell wrote
+        p.extra_generation_params = {
+            key: value for key, value in p.extra_generation_params.items() if not key.startswith("HiDiffusion")
+        }
+        try:
+            parsed = sa.parse(sa.merge_axis_values(args, getattr(p, "hidiffusion_xyz", {})))
+        except sa.ArgError as error:
+            p.hidiffusion_refused = error
+            _refuse(unet, error)
+            return
+        if parsed.enabled:
+            p.hidiffusion_args = parsed
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        if getattr(p, "hidiffusion_refused", None) is not None:
+            return
+        parsed = getattr(p, "hidiffusion_args", None)
+        unet = _unet(p)
+        _Run.end(unet)
+        if parsed is None or (getattr(p, "is_hr_pass", False) and not parsed.hires):
+            return
+        settings = parsed.settings(seed=(getattr(p, "seeds", None) or p.all_seeds)[0])
+        if settings.arch is None:
+            settings.arch = _model_arch(p.sd_model)
+        if settings.mswmsa and _hypertile_on(p):
+            settings.mswmsa = False
+            p.extra_generation_params["HiDiffusion MSW-MSA"] = "off: Hypertile U-Net is on"
+            print("HiDiffusion: MSW-MSA steps aside while Hypertile tiles the U-Net's attention")
+        try:
+            handle = hd.apply(unet, settings)
+        except (hd.UnsupportedUNet, ValueError) as error:
+            _refuse(unet, sa.ArgError(f"HiDiffusion cannot run on this model: {error}"))
+            return
+        latent = kwargs.get("x")
+        h, w = latent.shape[-2:] if latent is not None else (p.height // 8, p.width // 8)
+        if handle.gated_at(h, w):
+            handle.remove()
+            return
+        _Run.handle = handle
+        p.extra_generation_params.update(sa.infotext(parsed, handle.schedule_for(h, w)))
+
+    def postprocess(self, p, processed, *args):
+        _Run.end(_unet(p))
+
+
+def _component(name: str, tab: str):
+    arg = sa.ARGS[sa.ARG_NAMES.index(name)]
+    value = shared.opts.data.get(f"hidiffusion_default_{name}", arg.default) if arg.in_settings else arg.default
+    elem_id = f"hidiffusion_{tab}_{name}"
+    if arg.kind == "bool":
+        return gr.Checkbox(value=value, label=arg.label, elem_id=elem_id)
+    if arg.kind == "choice":
+        return gr.Dropdown(choices=list(arg.choices), value=value, label=arg.label, elem_id=elem_id)
+    step = 0.05 if arg.kind == "ratio" else 1
+    return gr.Slider(minimum=arg.low, maximum=arg.high, step=step, value=value, label=arg.label, elem_id=elem_id)
+
+
+def _hypertile_on(p) -> bool:
+    opts = shared.opts
+    if getattr(p, "is_hr_pass", False) and getattr(opts, "hypertile_enable_unet_secondpass", False):
+        return True
+    return bool(getattr(opts, "hypertile_enable_unet", False))
+
+
+def on_cfg_denoiser(params) -> None:
+    handle = _Run.handle
+    if handle is None or not handle.active:
+        return
+    denoiser = params.denoiser
+    steps = int(denoiser.steps or params.total_sampling_steps)
+    total = int(denoiser.total_steps or steps)
+    handle.set_step(hd.step_of_call(int(denoiser.step), steps, total), steps)
+
+
+def on_model_loaded(sd_model) -> None:
+    _Run.end()
+    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+    if unet is not None:
+        hd.remove(unet)
+
+
+def on_ui_settings() -> None:
+    for arg in sa.ARGS:
+        if not arg.in_settings:
+            continue
+        if arg.kind == "bool":
+            component, component_args = gr.Checkbox, None
+        else:
+            component, component_args = gr.Dropdown, {"choices": list(arg.choices)}
+        option = shared.OptionInfo(arg.default, f"Default: {arg.label}", component, component_args, section=SECTION)
+        shared.opts.add_option(f"hidiffusion_default_{arg.name}", option.info(arg.hint))
+
+
+def add_xyz_axes() -> bool:
+    """Add the X/Y/Z plot axes once; False while the X/Y/Z script is not loaded yet."""
+    xyz = next((s.module for s in scripts.scripts_data if s.script_class.__module__ == "xyz_grid.py"), None)
+    if xyz is None:
+        return False
+    known = {option.label for option in xyz.axis_options}
+    for axis in sa.AXES:
+        if axis.label in known:
+            continue
+        xyz.axis_options.append(
+            xyz.AxisOption(
+                axis.label,
+                float if axis.kind == "float" else str,
+                _xyz_apply(axis),
+                choices=(lambda axis=axis: list(axis.choices)) if axis.choices else None,
+                confirm=_xyz_confirm(axis),
+            )
+        )
+    return True
+
+
+def _xyz_apply(axis: sa.Axis):
+    def apply(p, value, values):
+        # a new dict per cell: p is a shallow copy shared with the other cells
+        p.hidiffusion_xyz = {**getattr(p, "hidiffusion_xyz", {}), **axis.updates(value)}
+
+    return apply
+
+
+def _xyz_confirm(axis: sa.Axis):
+    def confirm(p, values):
+        for value in values:
+            axis.updates(value)
+
+    return confirm
+
+
+script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
+script_callbacks.on_model_loaded(on_model_loaded)
+script_callbacks.on_ui_settings(on_ui_settings)
+if not add_xyz_axes():
+    script_callbacks.on_before_ui(add_xyz_axes)
