@@ -1,0 +1,104 @@
+"""Drives scripts/hidiffusion.py the way the webui v1.10.1 does, over a real ldm U-Net.
+
+Mirrors the order of modules/processing.py (process -> per batch
+process_before_every_sampling -> sampling -> [before_hr, process_before_every_sampling,
+hires sampling] -> postprocess, which is skipped when sampling raises) and the step
+accounting of modules/sd_samplers_cfg_denoiser.py / sd_samplers_common.py
+(launch_sampling sets denoiser.steps and total_steps, doubled for second-order samplers;
+denoiser.step counts model calls from 0 in each pass; on_cfg_denoiser fires before each).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+STUB = Path(__file__).parent / "webui_stub"
+SCRIPT = Path(__file__).parents[1] / "scripts" / "hidiffusion.py"
+
+
+def load_script(with_xyz: bool = True):
+    """Import scripts/hidiffusion.py against the stand-ins; returns (module, stubs)."""
+    if str(STUB) not in sys.path:
+        sys.path.insert(0, str(STUB))
+    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.") or n == "xyz_grid"]:
+        del sys.modules[name]
+    import xyz_grid
+    from modules import script_callbacks, scripts, shared
+
+    if with_xyz:
+        xyz_class = type("Script", (), {"__module__": "xyz_grid.py"})
+        scripts.scripts_data.append(scripts.ScriptClassData(xyz_class, "xyz_grid.py", "", xyz_grid))
+    spec = importlib.util.spec_from_file_location("hidiffusion_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, SimpleNamespace(callbacks=script_callbacks, scripts=scripts, shared=shared, xyz=xyz_grid)
+
+
+@dataclass
+class Processing:
+    """The attributes of StableDiffusionProcessing the script reads."""
+
+    sd_model: object
+    width: int
+    height: int
+    seeds: list[int] = field(default_factory=lambda: [1])
+    all_seeds: list[int] = field(default_factory=lambda: [1])
+    extra_generation_params: dict = field(default_factory=dict)
+    is_hr_pass: bool = False
+
+
+def sd_model(unet: torch.nn.Module, arch: str = "sd1") -> SimpleNamespace:
+    return SimpleNamespace(model=SimpleNamespace(diffusion_model=unet), is_sd1=arch == "sd1",
+                           is_sd2=arch == "sd2", is_sdxl=arch == "sdxl")
+
+
+class Host:
+    def __init__(self, script_module, stubs, unet, context):
+        self.module, self.stubs, self.unet, self.context = script_module, stubs, unet, context
+        self.script = script_module.HiDiffusionScript()
+        self.steps_seen: list[tuple[int, int]] = []
+
+    def sample(self, x, steps: int, second_order: bool = False, fail_after: int | None = None):
+        """One sampling pass: Euler-like (one call a step) or Heun-like (2 a step, 1 for the last)."""
+        denoiser = SimpleNamespace(step=0, steps=steps, total_steps=2 * steps if second_order else steps)
+        calls = 2 * steps - 1 if second_order else steps
+        for call in range(calls):
+            if fail_after is not None and call == fail_after:
+                raise RuntimeError("sampling failed")
+            params = self.stubs.callbacks.CFGDenoiserParams(
+                x, None, None, max(call - 1, 0), steps, None, None, denoiser
+            )
+            for callback in self.stubs.callbacks.callbacks["cfg_denoiser"]:
+                callback(params)
+            handle = self.module._Run.handle
+            if handle is not None and handle.active:
+                self.steps_seen.append((handle.state.step, handle.state.steps))
+            with torch.no_grad():
+                x = x - 0.1 * self.unet(x, torch.full((x.shape[0],), 999.0 * (1 - call / calls)), context=self.context)
+            denoiser.step += 1
+        return x
+
+    def generate(self, args, h: int, w: int, steps: int = 4, second_order: bool = False, hires: tuple | None = None,
+                 fail_after: int | None = None, p: Processing | None = None, seed: int = 1):
+        """txt2img (+ hires fix as (h2, w2, steps2)); returns (latent, p)."""
+        p = p or Processing(sd_model(self.unet), width=w * 8, height=h * 8, seeds=[seed], all_seeds=[seed])
+        noise = torch.randn(2, 4, h, w, generator=torch.Generator().manual_seed(seed))
+        self.script.process(p, *args)
+        self.script.process_before_every_sampling(p, *args, x=noise, noise=noise, c=None, uc=None)
+        x = self.sample(noise, steps, second_order, fail_after)
+        if hires is not None:
+            h2, w2, steps2 = hires
+            p.is_hr_pass = True
+            x = torch.nn.functional.interpolate(x, size=(h2, w2))
+            self.script.before_hr(p, *args)
+            self.script.process_before_every_sampling(p, *args, x=x, noise=x, c=None, uc=None)
+            x = self.sample(x, steps2, second_order)
+            p.is_hr_pass = False
+        self.script.postprocess(p, None, *args)
+        return x, p
