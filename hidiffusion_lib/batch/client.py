@@ -241,18 +241,18 @@ class WebuiClient:
         try:
             data = response.json()
             info = json.loads(data["info"])
+            if not isinstance(info, dict):
+                raise TypeError("info is not a JSON object")
             images = [base64.b64decode(image, validate=True) for image in data["images"]]
-            if not isinstance(info, dict) or not images:
-                raise ValueError("no images" if images == [] else "info is not an object")
+            # A returned grid comes first (index_of_first_image); extensions may append extra images.
+            seeds = info.get("all_seeds") or []
+            first = info.get("index_of_first_image") or 0
+            images = images[first:first + len(seeds)] if seeds else images[first:]
+            if not images:
+                raise ValueError("no images")
         except (ValueError, TypeError, KeyError, binascii.Error) as error:
             raise JobError(f"malformed response from the webui: {type(error).__name__}: {error}") from None
-        # A returned grid comes first (index_of_first_image); extensions may append extra images.
-        seeds = info.get("all_seeds") or []
-        first = info.get("index_of_first_image") or 0
-        images = images[first:first + len(seeds)] if seeds else images[first:]
         infotexts = (info.get("infotexts") or [])[first:]
-        if not images:
-            raise JobError("malformed response from the webui: no images after the grid")
         try:
             server_seconds = float(response.headers["X-Process-Time"])
         except (KeyError, ValueError):

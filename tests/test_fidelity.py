@@ -1,0 +1,180 @@
+"""Fidelity: the engine on ldm U-Nets against the authors' package on diffusers twins.
+
+Every step of a sampling pass is compared, with both sides pinned to the same ratios and
+window shifts (see reference.py). The twins agree unpatched to ~1e-7 relative, so a patched
+difference above TOLERANCE is a behavioural difference, not rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import hidiffusion.hidiffusion as hd
+import pytest
+import torch
+from reference import LAYOUT, VANILLA_TOLERANCE, ReferenceRun, make_pair, max_diff, run_diffusers, run_ldm
+from unets import make_inputs
+
+import hidiffusion_lib
+from hidiffusion_lib import Settings
+
+STEPS = 10
+TOLERANCE = 1e-4  # max abs difference relative to the output's max magnitude
+# Both sides warn that odd token maps are resized for the window partition, as intended here.
+pytestmark = pytest.mark.filterwarnings("ignore:HiDiffusion Warning:UserWarning")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One sampling pass. preset: the reference's ratios to use; aggressive None = its choice.
+    auto: the engine resolves arch, ratios and aggressive itself (the preset must be the one
+    the reference picks at this size)."""
+
+    arch: str
+    preset: str
+    size: tuple[int, int] = (16, 24)
+    raunet: bool = True
+    mswmsa: bool = True
+    shift: str = "fixed"
+    shift_index: int = 0
+    aggressive: bool | None = None
+    auto: bool = False
+    steps: int = STEPS
+
+    @property
+    def id(self) -> str:
+        parts = {(True, True): "both", (True, False): "raunet", (False, True): "mswmsa"}[self.raunet, self.mswmsa]
+        split = {None: "", True: "-aggressive", False: "-plain"}[self.aggressive]
+        shift = f"{self.shift}{self.shift_index if self.shift == 'fixed' else ''}"
+        auto = "-auto" if self.auto else ""
+        steps = "" if self.steps == STEPS else f"-{self.steps}steps"
+        return f"{self.arch}-{self.preset}{split}{auto}-{self.size[0]}x{self.size[1]}-{parts}-{shift}{steps}"
+
+    def ratios(self) -> tuple[float, float, bool]:
+        """(T1, T2, aggressive) from the reference's own table and rule."""
+        table = hd.switching_threshold_ratio_dict[self.preset]
+        aggressive = self.preset == "sdxl_2048" if self.aggressive is None else self.aggressive
+        return table["T1_ratio"], table["T2_ratio"], aggressive
+
+    def settings(self) -> Settings:
+        settings = Settings(raunet=self.raunet, mswmsa=self.mswmsa, shift=self.shift, shift_index=self.shift_index)
+        if self.auto:
+            return settings
+        t1, t2, aggressive = self.ratios()
+        return replace(settings, t1=t1, t2=t2, aggressive=aggressive, arch=self.arch)
+
+
+def _cases() -> list[Case]:
+    cases = []
+    for arch, presets in (("sd1", ("sd15_1024", "sd15_2048")), ("sdxl", ("sdxl_2048", "sdxl_4096"))):
+        for i, preset in enumerate(presets):
+            cases += [Case(arch, preset, raunet=r, mswmsa=m, shift_index=i + 1)
+                      for r, m in ((True, True), (True, False), (False, True))]
+        # Shifts need windows of 4+ rows: the SDXL layout windows after one downsampling.
+        big = presets[1]
+        size = (16, 32) if arch == "sd1" else (32, 48)
+        cases += [Case(arch, big, size, shift_index=k) for k in range(4)]
+        cases += [Case(arch, big, size, shift=policy) for policy in ("cycle", "random")]
+        cases += [Case(arch, big, hw, shift_index=3) for hw in ((24, 40), (27, 45))]
+    cases += [
+        Case("sd1", "sd15_1024", (24, 16), shift_index=2, auto=True),
+        Case("sdxl", "sdxl_2048", (32, 24), shift_index=3, auto=True),
+        Case("sdxl", "sdxl_2048", aggressive=False, shift_index=2),  # the reference's inpainting schedule
+        Case("sd2", "sd15_2048", shift_index=1),
+        Case("sdxl_turbo", "sdxl_turbo_1024", (32, 48), shift_index=2),
+        # other schedule lengths: int(8/50 * 13) = 2 steps of extra RAD; int(7 * 0.3) = 2
+        Case("sdxl", "sdxl_2048", shift_index=1, steps=13),
+        Case("sd1", "sd15_2048", shift_index=3, steps=7),
+    ]
+    return cases
+
+
+CASES = _cases()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The cores are shared: a second torch thread mostly spins and makes timings erratic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """Build each (ldm U-Net, diffusers twin) once; check both are left unpatched at the end."""
+    built: dict[str, tuple] = {}
+
+    def get(layout: str):
+        if layout not in built:
+            built[layout] = make_pair(layout, *make_inputs(layout, 2, 16, 24))
+        return built[layout]
+
+    yield get
+    for layout, (ldm_unet, twin) in built.items():
+        x, t, context = make_inputs(layout, 2, 16, 24)
+        assert max_diff(run_ldm(ldm_unet, x, t, context), run_diffusers(twin, x, t, context)) <= VANILLA_TOLERANCE
+
+
+def compare(pairs, case: Case, settings: Settings | None = None, step_offset: int = 0) -> list[float]:
+    """Per step, the relative max difference between the engine (with ``settings``, default the
+    case's, told step + ``step_offset``) and the reference running ``case``."""
+    layout = LAYOUT[case.arch]
+    ldm_unet, twin = pairs(layout)
+    x, _, context = make_inputs(layout, 2, *case.size)
+    t1, t2, aggressive = case.ratios()
+    handle = hidiffusion_lib.apply(ldm_unet, settings or case.settings())
+    diffs = []
+    try:
+        with ReferenceRun(twin, case.arch, case.steps, raunet=case.raunet, mswmsa=case.mswmsa,
+                          t1=t1, t2=t2, aggressive=aggressive) as reference:
+            for step in range(case.steps):
+                t = torch.full((2,), 999.0 * (1 - step / case.steps))
+                handle.set_step(min(step + step_offset, case.steps - 1), case.steps)
+                ours = run_ldm(ldm_unet, x, t, context)
+                if not case.mswmsa:
+                    shifts = []
+                elif case.shift == "fixed":
+                    shifts = [case.shift_index] * reference.windowed
+                else:
+                    shifts = handle.state.shift_indices  # what the engine drew for this step
+                diffs.append(max_diff(ours, reference(x, t, context, shifts)))
+    finally:
+        handle.remove()
+    return diffs
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_engine_matches_reference(pairs, case: Case) -> None:
+    diffs = compare(pairs, case)
+    print(f"{case.id}: max {max(diffs):.1e}")
+    assert max(diffs) <= TOLERANCE, [f"{d:.1e}" for d in diffs]
+
+
+def test_presets_are_the_references() -> None:
+    for name, (t1, t2) in hidiffusion_lib.PRESETS.items():
+        assert hd.switching_threshold_ratio_dict[name] == {"T1_ratio": t1, "T2_ratio": t2}
+
+
+BASE = Case("sd1", "sd15_2048", shift_index=1)
+XL_BASE = Case("sdxl", "sdxl_2048", (32, 48), shift_index=1)
+
+
+@pytest.mark.parametrize(
+    ("case", "wrong", "step_offset", "bad_steps"),
+    [
+        (BASE, {"shift_index": 2}, 0, range(STEPS)),
+        (XL_BASE, {"shift_index": 0}, 0, range(STEPS)),
+        (BASE, {}, 1, (2, 6)),  # off by one: the T2 and T1 switches turn off one step early
+        (XL_BASE, {}, 1, (0, 3)),  # the aggressive hand-over and the end of the pool
+        (BASE, {"rau_mode": "bicubic"}, 0, range(7)),
+        (XL_BASE, {"aggressive": False}, 0, (0,)),
+    ],
+    ids=["shift", "xl-shift", "step", "xl-step", "rau-mode", "xl-not-aggressive"],
+)
+def test_comparison_can_fail(pairs, case: Case, wrong: dict, step_offset: int, bad_steps) -> None:
+    """A deliberately wrong engine setting or step must show above tolerance where it matters."""
+    diffs = compare(pairs, case, replace(case.settings(), **wrong), step_offset)
+    print(f"{case.id} wrong {wrong or 'step'}: " + " ".join(f"{d:.0e}" for d in diffs))
+    assert all(diffs[s] > 100 * TOLERANCE for s in bad_steps), [f"{d:.1e}" for d in diffs]
