@@ -5,32 +5,30 @@
         handle.set_step(step, steps)
         ...  # call the U-Net
     handle.remove()
+
+Names load lazily, so the batch client (which needs no torch) can import this package.
 """
 
-from .blockmap import BLOCK_MAPS, BlockMap, Switch
-from .detection import UnsupportedUNet, detect
-from .patching import HiDiffusionHandle, apply, remove
-from .schedule import PRESETS, Schedule, active_switches, gated, preset_for, resolve, step_of_call
-from .settings import ARCHES, RAU_MODES, SHIFT_POLICIES, Settings
+from __future__ import annotations
 
-__all__ = [
-    "ARCHES",
-    "BLOCK_MAPS",
-    "PRESETS",
-    "RAU_MODES",
-    "SHIFT_POLICIES",
-    "BlockMap",
-    "HiDiffusionHandle",
-    "Schedule",
-    "Settings",
-    "Switch",
-    "UnsupportedUNet",
-    "active_switches",
-    "apply",
-    "detect",
-    "gated",
-    "preset_for",
-    "remove",
-    "resolve",
-    "step_of_call",
-]
+import importlib
+
+_EXPORTS = {
+    ".blockmap": ("BLOCK_MAPS", "BlockMap", "Switch"),
+    ".detection": ("UnsupportedUNet", "detect"),
+    ".patching": ("HiDiffusionHandle", "apply", "remove"),
+    ".schedule": ("PRESETS", "Schedule", "active_switches", "gated", "preset_for", "resolve", "step_of_call"),
+    ".settings": ("ARCHES", "RAU_MODES", "SHIFT_POLICIES", "Settings"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'hidiffusion_lib' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name], __name__), name)
+
+
+def __dir__() -> list[str]:
+    return __all__
