@@ -285,3 +285,27 @@ def test_attn1_wrapper_passes_foreign_calls_through():
     with pytest.raises(TypeError, match="additional_tokens"):
         attn(x, additional_tokens=torch.zeros(2, 1, x.shape[-1]))  # ldm's attn1 does not take it: passed on as is
     handle.remove()
+
+
+def test_sgm_calling_conventions():
+    """sgm's BasicTransformerBlock calls attn1(x, context=None, additional_tokens=None,
+    n_times_crossframe_attn_in_self=0) and the webui calls sgm's U-Net with keywords."""
+    unet = make_unet("sdxl")
+    x, t, c = make_inputs("sdxl", 2, 24, 40)
+    attn = unet.input_blocks[4][1].transformer_blocks[1].attn1
+    received = []
+
+    def sgm_like(x, context=None, mask=None, additional_tokens=None, n_times_crossframe_attn_in_self=0):
+        received.append((x.shape[0], additional_tokens, n_times_crossframe_attn_in_self))
+        return type(attn).forward(attn, x, context, mask)
+
+    attn.forward = sgm_like
+    with hd.apply(unet, hd.Settings(raunet=False)) as handle:
+        handle.set_step(0, 10)
+        with torch.no_grad():
+            unet(x=x, timesteps=t, context=c)
+        tokens = torch.randn(2, 12 * 20, attn.to_q.in_features)
+        attn(tokens, context=None, additional_tokens=None, n_times_crossframe_attn_in_self=0)
+        attn(tokens, context=None, additional_tokens=None, n_times_crossframe_attn_in_self=2)
+    assert received[0] == (8, None, 0)  # windowed inside the U-Net call
+    assert received[-2:] == [(8, None, 0), (2, None, 2)]  # cross-frame attention passes through
