@@ -125,9 +125,9 @@ def apply(unet: nn.Module, settings: Settings | None = None) -> HiDiffusionHandl
     settings: what to apply; defaults to ``Settings()``. A patch already on ``unet`` is
     replaced. Bad settings or an unsupported U-Net raise before anything changes.
     """
-    settings = replace(settings) if settings is not None else Settings()
-    if not isinstance(settings, Settings):
-        raise TypeError(f"settings must be a hidiffusion_lib.Settings, got {type(settings).__name__}")
+    if settings is not None and not isinstance(settings, Settings):
+        raise TypeError(f"settings must be a hidiffusion_lib.Settings or None, got {type(settings).__name__}")
+    settings = replace(settings) if settings is not None else Settings()  # later edits by the caller don't leak in
     settings.validate()
     detected = detect(unet, settings.arch)
     unpatch(unet)

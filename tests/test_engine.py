@@ -135,6 +135,11 @@ def test_bad_settings_change_nothing(settings, message):
     assert torch.equal(run(unet, inputs), output)
 
 
+def test_settings_must_be_settings():
+    with pytest.raises(TypeError, match="Settings or None, got dict"):
+        hd.apply(make_unet("sd1"), {"t1": 0.5})
+
+
 def test_set_step_validates():
     handle = hd.apply(make_unet("sd1"))
     for step, steps in ((-1, 10), (0, 0), (1.5, 10), (True, 10)):
