@@ -43,7 +43,9 @@ def partition(x: torch.Tensor, h: int, w: int, shift: tuple[int, int]) -> torch.
         x = F.interpolate(x.permute(0, 3, 1, 2).contiguous(), size=(2 * wh, 2 * ww), mode="bicubic")
         x = x.permute(0, 2, 3, 1)
     if shift[0] > 0:
-        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        # One gather does the roll and the partition: a roll copies once per axis.
+        order, _ = _window_order(2 * wh, 2 * ww, shift, x.device)
+        return x.reshape(b, 4 * wh * ww, c).index_select(1, order).view(b * 4, wh * ww, c)
     x = x.reshape(b, 2, wh, 2, ww, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(b * 4, wh * ww, c)
 
@@ -53,12 +55,23 @@ def reverse(windows: torch.Tensor, h: int, w: int, shift: tuple[int, int]) -> to
     wh, ww = window_size(h, w)
     c = windows.shape[-1]
     b = windows.shape[0] // 4
-    x = windows.reshape(b, 2, 2, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * wh, 2 * ww, c)
     if shift[0] > 0:
-        x = torch.roll(x, shifts=shift, dims=(1, 2))
+        _, inverse = _window_order(2 * wh, 2 * ww, shift, windows.device)
+        x = windows.reshape(b, 4 * wh * ww, c).index_select(1, inverse).view(b, 2 * wh, 2 * ww, c)
+    else:
+        x = windows.reshape(b, 2, 2, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * wh, 2 * ww, c)
     if h % 2 or w % 2:
         x = F.interpolate(x.permute(0, 3, 1, 2).contiguous(), size=(h, w), mode="bicubic").permute(0, 2, 3, 1)
     return x.reshape(b, h * w, c)
+
+
+def _window_order(h: int, w: int, shift: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token indices of an even h x w map rolled by -shift and read window by window, and the
+    inverse permutation. Built per call (microseconds): a cache would hold memory for good."""
+    grid = torch.arange(h * w, device=device)
+    order = grid.view(h, w).roll((-shift[0], -shift[1]), dims=(0, 1)).view(2, h // 2, 2, w // 2)
+    inverse = grid.view(2, 2, h // 2, w // 2).permute(0, 2, 1, 3).reshape(h, w).roll(shift, dims=(0, 1))
+    return order.permute(0, 2, 1, 3).reshape(-1), inverse.reshape(-1)
 
 
 def _is_plain_self_attention(x: torch.Tensor, context: object, args: tuple, kwargs: dict) -> bool:

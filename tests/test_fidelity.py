@@ -1,7 +1,7 @@
 """Fidelity: the engine on ldm U-Nets against the authors' package on diffusers twins.
 
 Every step of a sampling pass is compared, with both sides pinned to the same ratios and
-window shifts (see reference.py). The twins agree unpatched to ~1e-7 relative, so a patched
+window shifts (see hidiffusion_lib/reference.py). The twins agree unpatched to ~1e-7 relative, so a patched
 difference above TOLERANCE is a behavioural difference, not rounding.
 """
 
@@ -12,11 +12,12 @@ from dataclasses import dataclass, replace
 import hidiffusion.hidiffusion as hd
 import pytest
 import torch
-from reference import LAYOUT, VANILLA_TOLERANCE, ReferenceRun, make_pair, max_diff, run_diffusers, run_ldm
+from reference import LAYOUT, VANILLA_TOLERANCE, make_pair, run_ldm
 from unets import make_inputs
 
 import hidiffusion_lib
 from hidiffusion_lib import Settings
+from hidiffusion_lib.reference import ReferenceRun, max_diff, run_diffusers
 
 STEPS = 10
 TOLERANCE = 1e-4  # max abs difference relative to the output's max magnitude

@@ -6,12 +6,13 @@ equivalence test can fail.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
+from hidiffusion_lib.models import randomize
+
 CONTEXT_DIM = {"sd1": 32, "sd2": 1024, "sdxl": 32}
+__all__ = ["CONTEXT_DIM", "make_inputs", "make_unet", "randomize", "unet_config"]
 
 
 def unet_config(layout: str, channels: int = 32) -> dict:
@@ -31,20 +32,6 @@ def unet_config(layout: str, channels: int = 32) -> dict:
         return dict(common, attention_resolutions=[4, 2], channel_mult=[1, 2, 4],
                     transformer_depth=2, context_dim=[CONTEXT_DIM["sdxl"]] * 2, use_linear_in_transformer=True)
     raise ValueError(f"unknown layout {layout!r}")
-
-
-def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim > 1:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
-    return module
 
 
 def make_unet(layout: str, seed: int = 0, channels: int = 32) -> UNetModel:
