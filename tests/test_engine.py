@@ -235,6 +235,20 @@ def test_rad_runs_the_conv_module_and_restores_its_stride(monkeypatch):
     assert seen == [(4, 4)] and op.stride == (2, 2) and op.dilation == (1, 1) and op.padding == (1, 1)
 
 
+@pytest.mark.parametrize("size", [(5, 7), (13, 21), (1, 1), (16, 16)])
+def test_nearest_x4_conv_shortcut_is_exact(size):
+    """The RAU upsampler's x4 shortcut equals its conv over a nearest x4 map, bit for bit."""
+    import torch.nn.functional as F
+
+    from hidiffusion_lib.raunet import conv_of_nearest_x4
+
+    generator = torch.Generator().manual_seed(sum(size))
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(2, 8, *size, generator=generator)
+    expected = conv(F.interpolate(x, size=(4 * size[0], 4 * size[1]), mode="nearest"))
+    assert torch.equal(conv_of_nearest_x4(conv, x), expected)
+
+
 def test_existing_instance_forward_is_kept_inside_and_restored():
     """A forward set before us (Hypertile's style) runs inside our window and comes back on removal."""
     unet = make_unet("sd1")
