@@ -133,10 +133,8 @@ def example_inputs(unet: nn.Module, batch: int, latent_h: int, latent_w: int, se
     p = next(unet.parameters())
     generator = torch.Generator().manual_seed(seed)
     context_dim = next(m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock").attn2.to_k.in_features
-    x = torch.randn(batch, unet.in_channels, latent_h, latent_w, generator=generator)
-    context = torch.randn(batch, tokens, context_dim, generator=generator)
-    x, context = (t.to(device=p.device, dtype=p.dtype) if p.device.type != "meta" else t.to("meta")
-                  for t in (x, context))
+    x = torch.randn(batch, unet.in_channels, latent_h, latent_w, generator=generator).to(p.device, p.dtype)
+    context = torch.randn(batch, tokens, context_dim, generator=generator).to(p.device, p.dtype)
     t = torch.full((batch,), 500.0, device=p.device)
     depth = context_depth(unet)
     return x, t, ([context] * depth if depth > 1 else context)

@@ -44,6 +44,20 @@ def _default_device() -> str:
     return "cpu"
 
 
+def _device_problem(name: str) -> str | None:
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        return f"--device {name}: {error}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}: this torch has no CUDA device (torch {torch.__version__})"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {name}: MPS is not available here"
+    if device.type not in ("cpu", "cuda", "mps"):
+        return f"--device {name}: use cpu, cuda[:N] or mps"
+    return None
+
+
 def parser() -> argparse.ArgumentParser:
     defaults = ", ".join(f"{a} {w}x{h}" for a, (w, h) in DEFAULT_SIZES.items())
     p = argparse.ArgumentParser(
@@ -93,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         compare_reference=args.compare_reference, idle=args.idle, memory=args.memory, channels=args.channels,
         seed=args.seed,
     )
+    problem = _device_problem(args.device)
+    if args.attention == "ldm" and args.dtype != "float32":
+        problem = "--attention ldm needs --dtype float32: ldm's own attention mixes float32 and the model's dtype"
+    if problem:
+        print(problem, file=sys.stderr)
+        return EXIT_USAGE
     if args.compare_reference:
         try:
             from ..reference import reference_module
@@ -102,13 +122,12 @@ def main(argv: list[str] | None = None) -> int:
             print(error, file=sys.stderr)
             return EXIT_USAGE
     with tqdm(total=options.forwards(), unit="forward", file=sys.stderr) as bar:
-        def progress(what: str) -> None:
-            if bar.n or bar.desc:
+        def progress(what: str, done: bool) -> None:
+            bar.set_description(what, refresh=not done)
+            if done:
                 bar.update(1)
-            bar.set_description(what)
 
         result = run(options, progress)
-        bar.update(bar.total - bar.n)
     print(text(result))
     paths = {"json": args.json or args.out / "bench.json", "csv": args.csv or args.out / "bench.csv",
              "chart": args.chart or args.out / "bench.png"}

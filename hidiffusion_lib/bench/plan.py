@@ -55,13 +55,18 @@ def configs(schedule: Schedule, steps: int, settings: Settings, idle: bool = Tru
     active: its cost alone), then each state of the pass, the fastest last."""
     result = [Config(VANILLA, "vanilla (unpatched)", None, 0, tuple(range(steps)))]
     if idle:
-        off = Settings(**{**settings.as_dict(), "mswmsa": False, "t1": 0.0, "t2": 0.0, "aggressive": False})
-        result.append(Config(IDLE, "HiDiffusion idle (patched, all off)", off, 0, ()))
+        result.append(idle_config(settings))
     states = phases(schedule, steps)
     for state in sorted(states, key=lambda s: (s[0] + s[1], s[1])):
         key, label = _PHASES[state]
         result.append(Config(key, label, settings, states[state][0], states[state], state))
     return result
+
+
+def idle_config(settings: Settings) -> Config:
+    """HiDiffusion installed with every part off at every step: the cost of the patch alone."""
+    off = Settings(**{**settings.as_dict(), "mswmsa": False, "t1": 0.0, "t2": 0.0, "aggressive": False})
+    return Config(IDLE, "HiDiffusion idle (patched, all off)", off, 0, ())
 
 
 def step_ranges(steps: tuple[int, ...]) -> str:

@@ -44,7 +44,8 @@ class ConfigResult:
 @dataclass
 class SizeResult:
     """All configurations of one architecture at one size; ``steps`` is the pass length of the
-    whole-generation estimate, with ``preset``'s ratios ``t1``/``t2``."""
+    whole-generation estimate, with ``preset``'s ratios ``t1``/``t2``. idle_cost: seconds the
+    installed, all-off patch adds to a forward, timed on a small map (None: not measured)."""
 
     arch: str
     width: int
@@ -56,6 +57,7 @@ class SizeResult:
     t2: float
     aggressive: bool
     configs: list[ConfigResult] = field(default_factory=list)
+    idle_cost: float | None = None
 
     @property
     def latent(self) -> tuple[int, int]:

@@ -1,9 +1,9 @@
 """Run a benchmark: build each architecture, count FLOPs, time every configuration.
 
-With the reference compared, each configuration runs on the engine and then on the authors'
-package, forward after forward, so both see the same machine state; repeats go round all
-configurations again rather than repeating one. Patches are applied before the clock starts
-and removed after it stops.
+With the reference compared, each configuration runs on the engine and on the authors' package
+forward after forward (which first alternates between rounds), so both see the same machine
+state; repeats go round all configurations again rather than repeating one. Patches are applied before the clock starts
+and removed after it stops. Each size starts with an untimed vanilla forward per side.
 """
 
 from __future__ import annotations
@@ -23,13 +23,16 @@ from ..settings import Settings
 from .attention import ldm_attention, set_diffusers_attention
 from .flops import count_flops
 from .measure import Sample, measure, synchronize
-from .plan import IDLE, Config, configs
-from .results import BenchResult, ConfigResult, SizeResult, Timing
+from .plan import IDLE, Config, configs, idle_config
+from .precision import ldm_precision
+from .results import ENGINE, REFERENCE, BenchResult, ConfigResult, SizeResult, Timing
 from .system import describe
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_SIZES = {"sd15": (1024, 1024), "sd21": (1024, 1024), "sdxl": (2048, 2048)}
 WARMUP_LATENT = 16
+# Forwards of each kind that time the idle patch's fixed cost at WARMUP_LATENT.
+IDLE_SAMPLES = 8
 
 
 @dataclass
@@ -77,12 +80,12 @@ class Options:
         return count * self.repeats
 
 
-Progress = Callable[[str], None]
+# progress(what, done): ``what`` is starting (done False), or one timed forward ended (done True).
+Progress = Callable[[str, bool], None]
 
 
 def run(options: Options, progress: Progress | None = None) -> BenchResult:
-    """Benchmark every architecture and size of ``options``; progress(text) is called before
-    every timed forward."""
+    """Benchmark every architecture and size of ``options``, reporting to ``progress``."""
     device = torch.device(options.device)
     dtype = DTYPES[options.dtype]
     if options.threads:
@@ -91,12 +94,20 @@ def run(options: Options, progress: Progress | None = None) -> BenchResult:
         for width, height in options.sizes_for(arch):
             options.plan(arch, width, height)
     result = BenchResult(describe(options, device))
+    report = progress or (lambda what, done: None)
     for arch in options.archs:
+        report(f"{arch}: building the U-Net{'s' if options.compare_reference else ''}", False)
         sides = _Sides.build(arch, options, device, dtype)
-        with ldm_attention(options.attention), torch.no_grad():
+        with ldm_attention(options.attention), ldm_precision(dtype), torch.no_grad():
+            report(f"{arch}: warming up", False)
             sides.warm_up(options.batch)
+            if options.idle:
+                report(f"{arch}: timing the idle patch on a small map", False)
+            idle_cost = sides.idle_cost(options) if options.idle else None
             for width, height in options.sizes_for(arch):
-                result.sizes.append(_run_size(arch, width, height, options, sides, progress))
+                size = _run_size(arch, width, height, options, sides, report)
+                size.idle_cost = idle_cost
+                result.sizes.append(size)
         del sides
         gc.collect()
     result.meta["load_average_end"] = list(os.getloadavg())
@@ -137,6 +148,19 @@ class _Sides:
                 call()
         synchronize(self.device)
 
+    def idle_cost(self, options: Options) -> float:
+        """Seconds the installed, all-off patch adds to a forward: its hooks are fixed costs in
+        Python, so they are timed on a small map, where noise is a fraction of a millisecond,
+        vanilla and idle in turn, best of IDLE_SAMPLES each."""
+        inputs = example_inputs(self.unet, options.batch, WARMUP_LATENT, WARMUP_LATENT)
+        idle = idle_config(Settings(seed=options.seed))
+        best = {"vanilla": float("inf"), "idle": float("inf")}
+        for _ in range(IDLE_SAMPLES):
+            for key, config in (("vanilla", None), ("idle", idle)):
+                with self.engine(config, inputs, 1) as call:
+                    best[key] = min(best[key], measure(call, self.device, memory=False)[0].seconds)
+        return best["idle"] - best["vanilla"]
+
     @contextmanager
     def engine(self, config: Config | None, inputs: tuple, steps: int, meta: bool = False) -> Iterator[Callable]:
         """A call of the engine's U-Net in ``config``'s state (None: unpatched)."""
@@ -166,7 +190,7 @@ class _Sides:
 
 
 def _run_size(arch: str, width: int, height: int, options: Options, sides: _Sides,
-              progress: Progress | None) -> SizeResult:
+              progress: Progress) -> SizeResult:
     from ..reference import max_diff
 
     latent_h, latent_w = height // 8, width // 8
@@ -175,6 +199,7 @@ def _run_size(arch: str, width: int, height: int, options: Options, sides: _Side
     size = SizeResult(arch, width, height, options.batch, options.steps, schedule.preset, schedule.t1,
                       schedule.t2, schedule.aggressive)
     compare = sides.twin is not None
+    progress(f"{arch} {width}x{height}: counting FLOPs", False)
     meta_inputs = example_inputs(sides.meta_unet, options.batch, latent_h, latent_w)
     for config in plan:
         with sides.engine(config, meta_inputs, options.steps, meta=True) as call:
@@ -186,24 +211,31 @@ def _run_size(arch: str, width: int, height: int, options: Options, sides: _Side
 
     inputs = example_inputs(sides.unet, options.batch, latent_h, latent_w, seed=options.seed + 1)
     label = f"{arch} {width}x{height}"
+    # The first forward at a new peak size runs ~20% slower on a CPU (the heap grows): untimed.
+    progress(f"{label}: warming up", False)
+    with sides.engine(None, inputs, options.steps) as call:
+        call()
+    if compare:
+        with sides.reference(None, inputs) as call:
+            call()
     for repeat in range(options.repeats):
         memory = options.memory and repeat == 0
         for config, row in zip(plan, size.configs, strict=True):
-            if progress:
-                progress(f"{label}: {config.key}")
-            with sides.engine(config, inputs, options.steps) as call:
-                sample, ours = measure(call, sides.device, memory)
-            _record(row.engine, sample, options.repeats)
-            if row.reference is None:
-                continue
-            if progress:
-                progress(f"{label}: {config.key}, authors' package")
-            with sides.reference(config, inputs) as call:
-                sample, theirs = measure(call, sides.device, memory)
-            _record(row.reference, sample, options.repeats)
-            if repeat == 0:
-                row.max_diff = max_diff(ours, theirs)
-            del ours, theirs
+            runs = [(ENGINE, row.engine, config.key)]
+            if row.reference is not None:
+                runs.append((REFERENCE, row.reference, f"{config.key}, authors' package"))
+            outputs = {}
+            # Who goes first alternates between rounds, so neither side always follows the other.
+            for side, timing, what in runs if repeat % 2 == 0 else runs[::-1]:
+                progress(f"{label}: {what}", False)
+                with sides.engine(config, inputs, options.steps) if side == ENGINE else sides.reference(
+                        config, inputs) as call:
+                    sample, outputs[side] = measure(call, sides.device, memory)
+                _record(timing, sample, options.repeats)
+                progress(f"{label}: {what}", True)
+            if repeat == 0 and len(outputs) == 2:
+                row.max_diff = max_diff(outputs[ENGINE], outputs[REFERENCE])
+            del outputs
     return size
 
 
