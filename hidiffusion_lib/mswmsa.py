@@ -8,16 +8,13 @@ transformer block, and whatever attention the host installed still does the work
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .state import State
 from .wrapping import call_original, marked
-
-if TYPE_CHECKING:
-    from .patching import State
 
 
 def window_size(h: int, w: int) -> tuple[int, int]:

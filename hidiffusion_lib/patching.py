@@ -8,62 +8,17 @@ class-level patch of the host and disappear without a trace on removal.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-import torch
 from torch import nn
 
-from .detection import Detected, detect, find_child, transformer_block
+from .detection import detect, find_child, transformer_block
 from .mswmsa import record_token_hw, windowed_forward
 from .raunet import input_block_hook, rad_forward, unpool_hook, upsample_forward
-from .schedule import Schedule, active_switches, gated, resolve
+from .schedule import Schedule, gated, resolve
 from .settings import Settings
+from .state import SWITCHES, State
 from .wrapping import marked, unpatch
-
-SWITCHES = ("main", "extra")
-
-
-@dataclass
-class State:
-    """What the patched modules read during one forward; rebuilt at its start."""
-
-    settings: Settings
-    detected: Detected
-    alive: bool = True
-    step: int = 0
-    steps: int | None = None
-    schedule: Schedule | None = None
-    gated: bool = False
-    active: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(SWITCHES, False))
-    windows_on: bool = False
-    shift_indices: list[int] = field(default_factory=list)
-    skip_sizes: dict[int, tuple[int, int]] = field(default_factory=dict)
-    pooled_from: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-    def begin_forward(self, latent_h: int, latent_w: int) -> None:
-        settings, detected = self.settings, self.detected
-        self.skip_sizes.clear()
-        self.pooled_from.clear()
-        self.gated = gated(settings, detected.block_map.native_latent, latent_h, latent_w)
-        self.schedule = resolve(settings, detected.arch, latent_h, latent_w, detected.inpaint)
-        main, extra = active_switches(self.schedule, self.step, self.steps)
-        use_raunet = settings.raunet and not self.gated
-        self.active["main"] = use_raunet and main
-        self.active["extra"] = use_raunet and extra and detected.block_map.extra is not None
-        self.windows_on = settings.mswmsa and not self.gated
-        if self.windows_on:
-            self.shift_indices = shift_indices(settings, self.step, len(detected.block_map.windowed))
-
-
-def shift_indices(settings: Settings, step: int, count: int) -> list[int]:
-    """The window shift (0..3) of each windowed block at ``step``: a pure function of the
-    settings and the step, so a run is reproducible and never touches the global RNG."""
-    if settings.shift == "fixed":
-        return [settings.shift_index] * count
-    if settings.shift == "cycle":
-        return [(step + k) % 4 for k in range(count)]
-    generator = torch.Generator(device="cpu").manual_seed((settings.seed * 1_000_003 + step) % (1 << 63))
-    return torch.randint(0, 4, (count,), generator=generator).tolist()
 
 
 class HiDiffusionHandle:

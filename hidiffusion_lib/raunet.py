@@ -14,16 +14,13 @@ followed by its 3x3 conv runs as the conv of a x3 map (see :func:`conv_of_neares
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .state import State
 from .wrapping import call_original, marked
-
-if TYPE_CHECKING:
-    from .patching import State
 
 
 def rad_forward(downsample: nn.Module, state: State, switch: str) -> Callable:

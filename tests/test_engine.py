@@ -10,7 +10,7 @@ from unets import make_inputs, make_unet, unet_config
 
 import hidiffusion_lib as hd
 from hidiffusion_lib.detection import transformer_block
-from hidiffusion_lib.patching import shift_indices
+from hidiffusion_lib.state import shift_indices
 
 LAYOUTS = ("sd1", "sd2", "sdxl")
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models import ARCHITECTURES, build_unet, example_inputs
-from ..patching import apply, shift_indices
+from ..patching import apply
 from ..schedule import resolve
 from ..settings import Settings
+from ..state import shift_indices
 from .attention import ldm_attention, set_diffusers_attention
 from .flops import count_flops
 from .measure import Sample, measure, synchronize
