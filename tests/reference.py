@@ -10,7 +10,7 @@ import torch
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from unets import make_unet
 
-from hidiffusion_lib.reference import make_twin, max_diff, run_diffusers
+from hidiffusion_lib.bench.reference import make_twin, max_diff, run_diffusers
 
 LAYOUT = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl", "sdxl_turbo": "sdxl"}
 VANILLA_TOLERANCE = 1e-5

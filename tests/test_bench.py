@@ -16,11 +16,11 @@ from hidiffusion_lib.bench.__main__ import main
 from hidiffusion_lib.bench.attention import ldm_attention, sdp_forward
 from hidiffusion_lib.bench.flops import count_flops
 from hidiffusion_lib.bench.measure import measure
+from hidiffusion_lib.bench.models import build_unet, example_inputs
 from hidiffusion_lib.bench.plan import configs, phases, step_ranges
+from hidiffusion_lib.bench.reference import diffusers_config
 from hidiffusion_lib.bench.report import checks
 from hidiffusion_lib.bench.results import ConfigResult, SizeResult, Timing
-from hidiffusion_lib.models import build_unet, example_inputs
-from hidiffusion_lib.reference import diffusers_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:HiDiffusion Warning:UserWarning")
 

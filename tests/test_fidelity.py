@@ -1,7 +1,7 @@
 """Fidelity: the engine on ldm U-Nets against the authors' package on diffusers twins.
 
 Every step of a sampling pass is compared, with both sides pinned to the same ratios and
-window shifts (see hidiffusion_lib/reference.py). The twins agree unpatched to ~1e-7 relative, so a patched
+window shifts (see hidiffusion_lib/bench/reference.py). The twins agree unpatched to ~1e-7 relative, so a patched
 difference above TOLERANCE is a behavioural difference, not rounding.
 """
 
@@ -17,7 +17,7 @@ from unets import make_inputs
 
 import hidiffusion_lib
 from hidiffusion_lib import Settings
-from hidiffusion_lib.reference import ReferenceRun, max_diff, run_diffusers
+from hidiffusion_lib.bench.reference import ReferenceRun, max_diff, run_diffusers
 
 STEPS = 10
 TOLERANCE = 1e-4  # max abs difference relative to the output's max magnitude

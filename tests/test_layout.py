@@ -74,3 +74,25 @@ def test_no_import_cycle_among_modules():
 def test_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _lazy_exports() -> dict:
+    """The package's ``_EXPORTS`` table (relative module -> names), read without importing it."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text(encoding="utf-8"))
+    return next(ast.literal_eval(node.value) for node in tree.body
+                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "_EXPORTS")
+
+
+def test_top_level_holds_only_what_the_webui_script_loads():
+    """Every top-level module is reached from scripts/hidiffusion.py (directly, or through the
+    lazy exports of the package); the rest lives in a folder named for its purpose."""
+    edges = graph()
+    edges["hidiffusion_lib"] |= {f"hidiffusion_lib{module}" for module in _lazy_exports()}
+    reached, todo = set(), [m for m in _imports(ROOT / "scripts" / "hidiffusion.py") if m in edges]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo += edges[name]
+    top_level = {_module_name(p) for p in PACKAGE.glob("*.py")}
+    assert top_level - reached == set()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-from hidiffusion_lib.models import randomize
+from hidiffusion_lib.bench.models import randomize
 
 CONTEXT_DIM = {"sd1": 32, "sd2": 1024, "sdxl": 32}
 __all__ = ["CONTEXT_DIM", "make_inputs", "make_unet", "randomize", "unet_config"]

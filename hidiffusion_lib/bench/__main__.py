@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..models import ARCHITECTURES
 from .attention import ATTENTIONS
 from .chart import write_chart
+from .models import ARCHITECTURES
 from .report import text, write_csv, write_json
 from .runner import DEFAULT_SIZES, DTYPES, Options, run
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.compare_reference:
         try:
-            from ..reference import reference_module
+            from .reference import reference_module
 
             reference_module()
         except ImportError as error:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models import ARCHITECTURES, build_unet, example_inputs
 from ..patching import apply
 from ..schedule import resolve
 from ..settings import Settings
@@ -24,6 +23,7 @@ from ..state import shift_indices
 from .attention import ldm_attention, set_diffusers_attention
 from .flops import count_flops
 from .measure import Sample, measure, synchronize
+from .models import ARCHITECTURES, build_unet, example_inputs
 from .plan import IDLE, Config, configs, idle_config
 from .precision import ldm_precision
 from .results import ENGINE, REFERENCE, BenchResult, ConfigResult, SizeResult, Timing
@@ -38,7 +38,7 @@ IDLE_SAMPLES = 8
 
 @dataclass
 class Options:
-    """archs: architectures of :mod:`hidiffusion_lib.models`. sizes: (width, height) in pixels;
+    """archs: architectures of :mod:`hidiffusion_lib.bench.models`. sizes: (width, height) in pixels;
     None = each architecture's default. batch: U-Net batch (2 = one image with CFG). steps: pass
     length of the whole-generation estimate. repeats: forwards per configuration (the fastest
     counts). device, dtype, attention: where and how the U-Nets run. threads: torch CPU threads
@@ -132,7 +132,7 @@ class _Sides:
         meta_unet = build_unet(arch, None, "meta", dtype, options.channels)
         twin = meta_twin = None
         if options.compare_reference:
-            from ..reference import make_twin
+            from .reference import make_twin
 
             twin, meta_twin = make_twin(unet), make_twin(meta_unet)
             set_diffusers_attention(twin, options.attention)
@@ -176,7 +176,7 @@ class _Sides:
     @contextmanager
     def reference(self, config: Config | None, inputs: tuple, meta: bool = False) -> Iterator[Callable]:
         """A call of the authors' package in ``config``'s state, with the engine's window shifts."""
-        from ..reference import WINDOWED, ReferenceRun, run_diffusers
+        from .reference import WINDOWED, ReferenceRun, run_diffusers
 
         twin = self.meta_twin if meta else self.twin
         x, t, context = inputs
@@ -192,7 +192,7 @@ class _Sides:
 
 def _run_size(arch: str, width: int, height: int, options: Options, sides: _Sides,
               progress: Progress) -> SizeResult:
-    from ..reference import max_diff
+    from .reference import max_diff
 
     latent_h, latent_w = height // 8, width // 8
     plan = options.plan(arch, width, height)
