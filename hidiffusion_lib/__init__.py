@@ -15,9 +15,11 @@ import importlib
 
 _EXPORTS = {
     ".blockmap": ("BLOCK_MAPS", "BlockMap", "Switch"),
-    ".detection": ("UnsupportedUNet", "detect"),
+    ".detection": ("ArchMismatch", "RefinerUNet", "UnsupportedUNet", "detect"),
     ".patching": ("HiDiffusionHandle", "apply", "remove"),
-    ".schedule": ("PRESETS", "Schedule", "active_switches", "gated", "preset_for", "resolve", "step_of_call"),
+    ".schedule": ("PRESETS", "Schedule", "active_switches", "gated", "preset_for", "resolve", "step_of_call",
+                  "step_of_progress"),
+    ".state": ("Forward",),
     ".settings": ("ARCHES", "RAU_MODES", "SHIFT_POLICIES", "Settings"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

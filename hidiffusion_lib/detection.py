@@ -22,6 +22,19 @@ class UnsupportedUNet(ValueError):
     """The U-Net is not one HiDiffusion has a block map for; nothing was patched."""
 
 
+class ArchMismatch(UnsupportedUNet):
+    """An architecture override that does not fit the U-Net: ``arch`` was asked for, the U-Net
+    has the ``family`` layout, which takes one of ``allowed``."""
+
+    def __init__(self, message: str, arch: str, family: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.arch, self.family, self.allowed = arch, family, allowed
+
+
+class RefinerUNet(UnsupportedUNet):
+    """The SDXL refiner's U-Net, which the authors' method has no block map for."""
+
+
 @dataclass(frozen=True)
 class Detected:
     arch: str
@@ -80,7 +93,7 @@ def detect(unet: nn.Module, arch: str | None = None) -> Detected:
     elif layout == _SDXL_LAYOUT:
         family, detected, allowed = "SDXL", "sdxl", ("sdxl", "sdxl_turbo")
     elif layout == _SDXL_REFINER_LAYOUT:
-        raise UnsupportedUNet(
+        raise RefinerUNet(
             f"this looks like the SDXL refiner U-Net ({found}); HiDiffusion has no block map "
             "for it (the authors support SD 1.x/2.x, SDXL base and SDXL-Turbo)"
         )
@@ -90,9 +103,10 @@ def detect(unet: nn.Module, arch: str | None = None) -> Detected:
             "(12 input blocks) and the SDXL layout (9 input blocks)"
         )
     if arch is not None and arch not in allowed:
-        raise UnsupportedUNet(
+        raise ArchMismatch(
             f"architecture override {arch!r} does not fit this U-Net: it has the {family} layout "
-            f"({found}); use one of {', '.join(map(repr, allowed))} or None"
+            f"({found}); use one of {', '.join(map(repr, allowed))} or None",
+            arch, family, allowed,
         )
     block_map = BLOCK_MAPS[arch or detected]
     _check_block_map(unet, block_map)

@@ -17,7 +17,7 @@ from .mswmsa import record_token_hw, windowed_forward
 from .raunet import input_block_hook, rad_forward, unpool_hook, upsample_forward
 from .schedule import Schedule, gated, resolve
 from .settings import Settings
-from .state import SWITCHES, State
+from .state import SWITCHES, Forward, State
 from .wrapping import marked, unpatch
 
 
@@ -39,6 +39,11 @@ class HiDiffusionHandle:
     @property
     def active(self) -> bool:
         return self.state.alive
+
+    @property
+    def trace(self) -> list[Forward]:
+        """One record per U-Net forward since ``apply``, oldest first (see state.Forward)."""
+        return self.state.trace
 
     def set_step(self, step: int, steps: int) -> None:
         """step: index of the coming denoising step (0-based) in this sampling pass of

@@ -78,7 +78,15 @@ def step_of_call(call: int, steps: int, total_calls: int) -> int:
     return call * steps // total_calls
 
 
+def step_of_progress(progress: float, steps: int) -> int:
+    """The step of a ``steps``-step pass that is ``progress`` (0..1) of the way through, for
+    samplers whose number of calls is not known in advance (DPM adaptive)."""
+    return min(max(int(progress * steps), 0), steps)
+
+
 def gated(settings: Settings, native_latent: int, latent_h: int, latent_w: int) -> bool:
-    """True when the native-resolution gate turns HiDiffusion off at this latent size."""
+    """True when the native-resolution gate turns HiDiffusion off at this latent size: the
+    latent's area is not larger than the training size's (native x native), so SDXL's
+    ~1-megapixel buckets such as 832x1216 count as native, as 512x512 does for SD 1.x."""
     native = settings.native_size or native_latent
-    return settings.native_gate and max(latent_h, latent_w) <= native
+    return settings.native_gate and latent_h * latent_w <= native * native

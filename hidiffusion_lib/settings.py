@@ -27,10 +27,11 @@ class Settings:
     seed: seeds the "random" shift policy.
     rau_mode: interpolation of the RAU upsampler while its switch is active.
     arch: "sd1", "sd2", "sdxl" or "sdxl_turbo"; None detects it from the module tree.
-    native_gate: skip both parts when neither latent side exceeds ``native_size``
-        (they only cost quality at the model's training size). Off by default so the
+    native_gate: skip both parts when the latent's area is not larger than
+        ``native_size`` squared (at the model's training sizes, its ~1-megapixel buckets
+        included for SDXL, they only cost quality). Off by default so the
         engine behaves like the authors' code; the webui extension turns it on.
-    native_size: latent side of the gate; None = 64 for SD 1.x/2.x, 128 for SDXL.
+    native_size: latent side of the gate's square; None = 64 for SD 1.x/2.x, 128 for SDXL.
     """
 
     raunet: bool = True

@@ -8,6 +8,7 @@ patching -> raunet / mswmsa -> state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -16,6 +17,19 @@ from .schedule import Schedule, active_switches, gated, resolve
 from .settings import Settings
 
 SWITCHES = ("main", "extra")
+
+
+class Forward(NamedTuple):
+    """What one U-Net forward of a live patch did: the step it was told, the latent size, which
+    RAU-Net switches ran and whether MSW-MSA windowed (with the shifts it used)."""
+
+    step: int
+    steps: int | None
+    height: int
+    width: int
+    main: bool
+    extra: bool
+    windows: tuple[int, ...] | None
 
 
 @dataclass
@@ -34,6 +48,7 @@ class State:
     shift_indices: list[int] = field(default_factory=list)
     skip_sizes: dict[int, tuple[int, int]] = field(default_factory=dict)
     pooled_from: dict[str, tuple[int, int]] = field(default_factory=dict)
+    trace: list[Forward] = field(default_factory=list)
 
     def begin_forward(self, latent_h: int, latent_w: int) -> None:
         settings, detected = self.settings, self.detected
@@ -48,6 +63,8 @@ class State:
         self.windows_on = settings.mswmsa and not self.gated
         if self.windows_on:
             self.shift_indices = shift_indices(settings, self.step, len(detected.block_map.windowed))
+        self.trace.append(Forward(self.step, self.steps, latent_h, latent_w, self.active["main"], self.active["extra"],
+                                  tuple(self.shift_indices) if self.windows_on else None))
 
 
 def shift_indices(settings: Settings, step: int, count: int) -> list[int]:

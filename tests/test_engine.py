@@ -212,8 +212,22 @@ def test_native_gate_skips_at_training_size():
         handle.set_step(0, 10)
         assert torch.equal(run(unet, small), vanilla)
         assert handle.state.gated
-        run(unet, make_inputs("sd1", 1, 72, 16))
+        run(unet, make_inputs("sd1", 1, 72, 16))  # one side above 64, the area below 64 x 64
+        assert handle.state.gated
+        run(unet, make_inputs("sd1", 1, 72, 64))
         assert not handle.state.gated and handle.state.active["main"]
+
+
+def test_trace_records_what_each_forward_did():
+    unet = make_unet("sd1")
+    with hd.apply(unet, hd.Settings(t1=0.5, shift="fixed", shift_index=3)) as handle:
+        for step in range(4):
+            handle.set_step(step, 4)
+            run(unet, make_inputs("sd1", 1, 24, 40))
+    assert [(f.step, f.steps, f.main, f.extra) for f in handle.trace] == [
+        (0, 4, True, False), (1, 4, True, False), (2, 4, False, False), (3, 4, False, False)]
+    windowed = len(hd.BLOCK_MAPS["sd1"].windowed)
+    assert {(f.height, f.width, f.windows) for f in handle.trace} == {(24, 40, (3,) * windowed)}
 
 
 def test_rad_runs_the_conv_module_and_restores_its_stride(monkeypatch):
