@@ -16,7 +16,11 @@ from .schedule import Schedule
 from .settings import RAU_MODES, SHIFT_POLICIES, Settings
 
 AUTO_RATIO = -1.0
+AUTO = "auto"
+# What the ratio dropdowns offer: every one is a value the script accepts (finer ones by API / X/Y/Z).
+RATIO_CHOICES = (AUTO, *(f"{tenth / 10:g}" for tenth in range(11)))
 MODEL_CHOICES = {"Auto": None, "SD 1.x": "sd1", "SD 2.x": "sd2", "SDXL": "sdxl", "SDXL-Turbo/Lightning": "sdxl_turbo"}
+MODEL_LABELS = {arch: label for label, arch in MODEL_CHOICES.items() if arch}
 AGGRESSIVE_CHOICES = {"Auto": None, "On": True, "Off": False}
 
 
@@ -34,6 +38,14 @@ class Arg:
     infotext: str = ""
     hint: str = ""
     in_settings: bool = False
+
+    def ui_choices(self) -> tuple:
+        """The values the UI control offers (none for a checkbox)."""
+        if self.kind == "ratio":
+            return RATIO_CHOICES
+        if self.kind == "int":
+            return tuple(range(int(self.low), int(self.high) + 1))
+        return self.choices
 
     def accepted(self) -> str:
         if self.kind == "bool":
@@ -54,15 +66,16 @@ ARGS: tuple[Arg, ...] = (
         hint="Shifted-window self-attention in the top blocks: faster at high resolution."),
     Arg("model", "Model preset", "choice", "Auto", tuple(MODEL_CHOICES), infotext="HiDiffusion model",
         hint="Block map and ratios; Auto reads the loaded model. SDXL-Turbo/Lightning cannot be detected."),
-    Arg("t1", "T1 ratio (-1 = auto)", "ratio", AUTO_RATIO, low=-1, high=1, infotext="HiDiffusion T1",
-        hint="Fraction of the steps with the main RAU-Net switch on; -1 takes the authors' preset."),
-    Arg("t2", "T2 ratio (-1 = auto)", "ratio", AUTO_RATIO, low=-1, high=1, infotext="HiDiffusion T2",
-        hint="Fraction of the steps with the extra RAU-Net switch on (2048+ px); -1 takes the preset."),
+    Arg("t1", "T1 ratio", "ratio", AUTO, infotext="HiDiffusion T1",
+        hint="Fraction of the steps with the main RAU-Net switch on; auto takes the authors' preset."),
+    Arg("t2", "T2 ratio", "ratio", AUTO, infotext="HiDiffusion T2",
+        hint="Fraction of the steps with the extra RAU-Net switch on (2048+ px); auto takes the preset."),
     Arg("aggressive", "Aggressive (SDXL)", "choice", "Auto", tuple(AGGRESSIVE_CHOICES),
         infotext="HiDiffusion aggressive",
         hint="SDXL below 4096 px: the extra switch first, then the main one. Auto follows the authors."),
     Arg("shift", "Window shift", "choice", "random", SHIFT_POLICIES, infotext="HiDiffusion shift",
-        hint="random: seeded from the image seed; cycle: by step; fixed: the index below.", in_settings=True),
+        hint="random: a pseudo-random shift per step, the same for every image; cycle: by step; fixed: the index"
+             " below.", in_settings=True),
     Arg("shift_index", "Fixed shift index", "int", 0, low=0, high=3, infotext="HiDiffusion shift index",
         hint="Shift in quarters of a window, used with the fixed policy."),
     Arg("rau_mode", "RAU interpolation", "choice", "nearest", RAU_MODES, infotext="HiDiffusion RAU mode",
@@ -70,7 +83,8 @@ ARGS: tuple[Arg, ...] = (
     Arg("hires", "Apply to hires fix pass", "bool", True, infotext="HiDiffusion hires",
         hint="Also run HiDiffusion in the hires fix second pass.", in_settings=True),
     Arg("native_gate", "Skip at native resolution", "bool", True, infotext="HiDiffusion native gate",
-        hint="Do nothing when the image is not larger than the model's training size.", in_settings=True),
+        hint="Do nothing when the image's area is not larger than the model's training size (512x512 for SD 1.x/2.x,"
+             " 1024x1024 for SDXL, whose buckets such as 832x1216 count too).", in_settings=True),
 )
 ARG_NAMES = tuple(a.name for a in ARGS)
 
@@ -93,7 +107,9 @@ class ScriptArgs:
     native_gate: bool
 
     def settings(self, seed: int = 0) -> Settings:
-        """Engine settings; ``seed`` seeds the random window shift (the image seed)."""
+        """Engine settings; ``seed`` seeds the random window shift. The webui script leaves it at
+        0, so the shifts depend on the step alone and every image of a batch can be made again
+        alone from its own seed."""
         return Settings(
             raunet=self.raunet, mswmsa=self.mswmsa, t1=self.t1, t2=self.t2,
             aggressive=AGGRESSIVE_CHOICES[self.aggressive], shift=self.shift,
@@ -122,7 +138,7 @@ def defaults() -> list:
 
 
 def _parse_one(arg: Arg, position: int, value: object) -> object:
-    where = f"HiDiffusion argument {arg.name!r} (args[{position}])"
+    where = f"HiDiffusion {arg.label!r} (API argument {arg.name!r}, args[{position}])"
     if arg.kind == "bool":
         if isinstance(value, bool):
             return value
@@ -195,6 +211,13 @@ def infotext(args: ScriptArgs, schedule: Schedule | None = None) -> dict[str, ob
     return params
 
 
+def ui_value(arg: Arg, value: object) -> object:
+    """A parsed value as its control shows it (ratios: "auto" or "0.5")."""
+    if arg.kind == "ratio":
+        return AUTO if value is None else f"{value:g}"
+    return value
+
+
 def from_infotext(arg: Arg, params: Mapping[str, object]) -> object | None:
     """The control value to paste from parsed infotext ``params``. Without HiDiffusion in
     the infotext it is switched off and the other controls are left alone (None); a missing
@@ -205,10 +228,49 @@ def from_infotext(arg: Arg, params: Mapping[str, object]) -> object | None:
     if raw is None:
         return arg.default
     try:
-        value = _parse_one(arg, ARGS.index(arg), raw)
+        return ui_value(arg, _parse_one(arg, ARGS.index(arg), raw))
     except ArgError:
         return arg.default
-    return AUTO_RATIO if arg.kind == "ratio" and value is None else value
+
+
+def normalize_pasted(params: dict) -> None:
+    """Rewrite parsed infotext ``params`` in place so that the webui, reading each control's
+    value by its infotext key, pastes what :func:`from_infotext` says (None: left alone)."""
+    values = [from_infotext(arg, params) for arg in ARGS]
+    for arg, value in zip(ARGS, values, strict=True):
+        if value is None:
+            params.pop(arg.infotext, None)
+        else:
+            params[arg.infotext] = value
+
+
+# Infotext entries that say what HiDiffusion did not do, in the user's words.
+SKIPPED_KEY = "HiDiffusion skipped"
+REFINER_KEY = "HiDiffusion refiner"
+REFINER_NOTE = "off: the refiner's steps ran without HiDiffusion"
+FAMILY_SIZES = {"sd1": ("SD 1.x", 512), "sd2": ("SD 2.x", 512), "sdxl": ("SDXL", 1024), "sdxl_turbo": ("SDXL", 1024)}
+
+
+def skipped_note(pass_name: str, width: int, height: int, arch: str) -> str:
+    """Why a pass ran without HiDiffusion at the model's training size."""
+    family, side = FAMILY_SIZES[arch]
+    return (f"{pass_name} at {width}x{height}: not larger than {family}'s training size ({side}x{side} in area),"
+            " so it ran unchanged")
+
+
+def unsupported_message(error: Exception, model: str) -> str:
+    """What to tell the user when the engine refuses the loaded model; ``model`` is the
+    Model preset they chose."""
+    from .detection import ArchMismatch, RefinerUNet  # torch only where a model is at hand
+
+    if isinstance(error, ArchMismatch):
+        allowed = [MODEL_LABELS[arch] for arch in error.allowed]
+        return (f'HiDiffusion: Model preset "{model}" does not fit the loaded model, which is {error.family}; '
+                f"choose Auto, {', '.join(allowed[:-1])} or {allowed[-1]}")
+    if isinstance(error, RefinerUNet):
+        return ("HiDiffusion cannot run on an SDXL refiner model (it supports SD 1.x, SD 2.x, SDXL and "
+                "SDXL-Turbo/Lightning); untick HiDiffusion for this model")
+    return f"HiDiffusion cannot run on this model: {error}"
 
 
 # X/Y/Z plot axes: label, value type, closed choices, the named args a value sets.

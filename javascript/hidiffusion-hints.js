@@ -1,5 +1,5 @@
 // Tooltips for the HiDiffusion controls (hints.js reads `titles`). Kept in step with
-// hidiffusion_lib/script_args.py ARGS by tests/test_script_args.py.
+// hidiffusion_lib/script_args.py ARGS by tests/test_webui_script.py.
 (function () {
     if (typeof titles === "undefined") {
         return;
@@ -8,12 +8,12 @@
     titles["RAU-Net"] = "Resolution-aware down/upsampling in the early steps: stops duplicated objects.";
     titles["MSW-MSA"] = "Shifted-window self-attention in the top blocks: faster at high resolution.";
     titles["Model preset"] = "Block map and ratios; Auto reads the loaded model. SDXL-Turbo/Lightning cannot be detected.";
-    titles["T1 ratio (-1 = auto)"] = "Fraction of the steps with the main RAU-Net switch on; -1 takes the authors' preset.";
-    titles["T2 ratio (-1 = auto)"] = "Fraction of the steps with the extra RAU-Net switch on (2048+ px); -1 takes the preset.";
+    titles["T1 ratio"] = "Fraction of the steps with the main RAU-Net switch on; auto takes the authors' preset.";
+    titles["T2 ratio"] = "Fraction of the steps with the extra RAU-Net switch on (2048+ px); auto takes the preset.";
     titles["Aggressive (SDXL)"] = "SDXL below 4096 px: the extra switch first, then the main one. Auto follows the authors.";
-    titles["Window shift"] = "random: seeded from the image seed; cycle: by step; fixed: the index below.";
+    titles["Window shift"] = "random: a pseudo-random shift per step, the same for every image; cycle: by step; fixed: the index below.";
     titles["Fixed shift index"] = "Shift in quarters of a window, used with the fixed policy.";
     titles["RAU interpolation"] = "How the resolution-aware upsampler interpolates while active (authors: nearest).";
     titles["Apply to hires fix pass"] = "Also run HiDiffusion in the hires fix second pass.";
-    titles["Skip at native resolution"] = "Do nothing when the image is not larger than the model's training size.";
+    titles["Skip at native resolution"] = "Do nothing when the image's area is not larger than the model's training size (512x512 for SD 1.x/2.x, 1024x1024 for SDXL, whose buckets such as 832x1216 count too).";
 })();

@@ -4,10 +4,18 @@ Lifecycle: ``process`` cleans any stale patch and validates the arguments;
 ``process_before_every_sampling`` patches the U-Net for each sampling pass (first pass,
 hires fix pass); the ``on_cfg_denoiser`` callback tells the engine the step before every
 model call; ``postprocess`` removes the patch. The webui skips ``postprocess`` when a
-generation raises, so the next ``process`` and every model load clean up as well.
+generation raises, so the next ``process`` and every model load clean up as well. A model
+load during sampling is the refiner switch: its steps run without HiDiffusion, and the
+infotext says so.
+
+HIDIFFUSION_TRACE=<file> (for tests): every pass appends one JSON line with what each U-Net
+forward did (``hidiffusion_lib.state.Forward``).
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import gradio as gr
 from modules import script_callbacks, scripts, shared
@@ -21,17 +29,30 @@ SECTION = ("hidiffusion", "HiDiffusion")
 
 
 class _Run:
-    """The live patch of the current generation, shared with the denoiser callback."""
+    """The live patch of the current pass, shared with the denoiser and model-load callbacks."""
 
     handle: hd.HiDiffusionHandle | None = None
+    p = None
+    first_timestep: float | None = None
 
     @classmethod
     def end(cls, unet=None) -> None:
         if cls.handle is not None:
             cls.handle.remove()
-            cls.handle = None
+            _write_trace(cls.p, cls.handle)
+            cls.handle = cls.p = cls.first_timestep = None
         if unet is not None:
             hd.remove(unet)
+
+
+def _write_trace(p, handle: hd.HiDiffusionHandle) -> None:
+    path = os.environ.get("HIDIFFUSION_TRACE")
+    if not path:
+        return
+    record = {"sampler": getattr(p, "sampler_name", None), "hires": bool(getattr(p, "is_hr_pass", False)),
+              "forwards": [forward._asdict() for forward in handle.trace]}
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(json.dumps(record) + "\n")
 
 
 def _unet(p):
@@ -80,10 +101,9 @@ class HiDiffusionScript(scripts.Script):
                     if arg.name not in components:
                         components[arg.name] = _component(arg.name, tab)
         ordered = [components[name] for name in sa.ARG_NAMES]
-        self.infotext_fields = [
-            (component, lambda params, arg=arg: sa.from_infotext(arg, params))
-            for component, arg in zip(ordered, sa.ARGS, strict=True)
-        ]
+        # String names: the webui's Send-to copies only fields named in paste_field_names;
+        # on_infotext_pasted (below) turns the infotext into these fields' values first.
+        self.infotext_fields = [(component, arg.infotext) for component, arg in zip(ordered, sa.ARGS, strict=True)]
         self.paste_field_names = [arg.infotext for arg in sa.ARGS]
         return ordered
 
@@ -112,7 +132,11 @@ class HiDiffusionScript(scripts.Script):
         _Run.end(unet)
         if parsed is None or (getattr(p, "is_hr_pass", False) and not parsed.hires):
             return
-        settings = parsed.settings(seed=(getattr(p, "seeds", None) or p.all_seeds)[0])
+        pass_name = "hires fix pass" if getattr(p, "is_hr_pass", False) else "first pass"
+        if _is_refiner(p, p.sd_model):
+            _note_refiner(p)
+            return
+        settings = parsed.settings()  # shifts by step alone: image k of a batch == its seed alone
         if settings.arch is None:
             settings.arch = _model_arch(p.sd_model)
         if settings.mswmsa and _hypertile_on(p):
@@ -122,14 +146,20 @@ class HiDiffusionScript(scripts.Script):
         try:
             handle = hd.apply(unet, settings)
         except (hd.UnsupportedUNet, ValueError) as error:
-            _refuse(unet, sa.ArgError(f"HiDiffusion cannot run on this model: {error}"))
+            _refuse(unet, sa.ArgError(sa.unsupported_message(error, parsed.model)))
             return
         latent = kwargs.get("x")
         h, w = latent.shape[-2:] if latent is not None else (p.height // 8, p.width // 8)
         if handle.gated_at(h, w):
             handle.remove()
+            note = sa.skipped_note(pass_name, 8 * w, 8 * h, handle.arch)
+            previous = p.extra_generation_params.get(sa.SKIPPED_KEY)
+            p.extra_generation_params[sa.SKIPPED_KEY] = note if previous in (None, note) else f"{previous}; {note}"
+            for key, value in sa.infotext(parsed).items():  # what was asked, so that paste restores it
+                p.extra_generation_params.setdefault(key, value)
+            print(f"HiDiffusion: {note}")
             return
-        _Run.handle = handle
+        _Run.handle, _Run.p = handle, p
         p.extra_generation_params.update(sa.infotext(parsed, handle.schedule_for(h, w)))
 
     def postprocess(self, p, processed, *args):
@@ -141,11 +171,27 @@ def _component(name: str, tab: str):
     value = shared.opts.data.get(f"hidiffusion_default_{name}", arg.default) if arg.in_settings else arg.default
     elem_id = f"hidiffusion_{tab}_{name}"
     if arg.kind == "bool":
-        return gr.Checkbox(value=value, label=arg.label, elem_id=elem_id)
-    if arg.kind == "choice":
-        return gr.Dropdown(choices=list(arg.choices), value=value, label=arg.label, elem_id=elem_id)
-    step = 0.05 if arg.kind == "ratio" else 1
-    return gr.Slider(minimum=arg.low, maximum=arg.high, step=step, value=value, label=arg.label, elem_id=elem_id)
+        component = gr.Checkbox(value=value, label=arg.label, elem_id=elem_id)
+    elif arg.kind == "int":
+        component = gr.Radio(choices=list(arg.ui_choices()), value=value, label=arg.label, elem_id=elem_id)
+    else:
+        component = gr.Dropdown(choices=list(arg.ui_choices()), value=value, label=arg.label, elem_id=elem_id)
+    if arg.in_settings:
+        # ui-config.json would pin the first launch's value over the Settings default forever
+        component.do_not_save_to_config = True
+    return component
+
+
+def _is_refiner(p, sd_model) -> bool:
+    """Whether ``sd_model`` is this generation's refiner (the webui switches to it mid-pass)."""
+    refiner = getattr(p, "refiner_checkpoint_info", None)
+    return refiner is not None and getattr(sd_model, "sd_checkpoint_info", None) == refiner
+
+
+def _note_refiner(p) -> None:
+    if p.extra_generation_params.get(sa.REFINER_KEY) != sa.REFINER_NOTE:
+        print(f"HiDiffusion: {sa.REFINER_NOTE} (HiDiffusion applies to the base model)")
+    p.extra_generation_params[sa.REFINER_KEY] = sa.REFINER_NOTE
 
 
 def _hypertile_on(p) -> bool:
@@ -161,15 +207,37 @@ def on_cfg_denoiser(params) -> None:
         return
     denoiser = params.denoiser
     steps = int(denoiser.steps or params.total_sampling_steps)
+    if getattr(getattr(_Run.p, "sampler", None), "funcname", None) == "sample_dpm_adaptive":
+        handle.set_step(_adaptive_step(denoiser, params.sigma, steps), steps)
+        return
     total = int(denoiser.total_steps or steps)
     handle.set_step(hd.step_of_call(int(denoiser.step), steps, total), steps)
 
 
+def _adaptive_step(denoiser, sigma, steps: int) -> int:
+    """DPM adaptive chooses its own calls: read its progress from the noise level, as the
+    webui's refiner switch does (sd_samplers_common.apply_refiner), relative to the pass's
+    first call, and count it in the pass's steps."""
+    sigmas = denoiser.inner_model.sigmas
+    timestep = float((sigmas.to(sigma.device) - sigma.max()).abs().argmin())
+    if _Run.first_timestep is None:
+        _Run.first_timestep = timestep
+    start = _Run.first_timestep
+    return hd.step_of_progress((start - timestep) / (start + 1), steps)
+
+
 def on_model_loaded(sd_model) -> None:
+    p = _Run.p
     _Run.end()
+    if p is not None and _is_refiner(p, sd_model):
+        _note_refiner(p)
     unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
     if unet is not None:
         hd.remove(unet)
+
+
+def on_infotext_pasted(infotext: str, params: dict) -> None:
+    sa.normalize_pasted(params)
 
 
 def on_ui_settings() -> None:
@@ -181,7 +249,7 @@ def on_ui_settings() -> None:
         else:
             component, component_args = gr.Dropdown, {"choices": list(arg.choices)}
         option = shared.OptionInfo(arg.default, f"Default: {arg.label}", component, component_args, section=SECTION)
-        shared.opts.add_option(f"hidiffusion_default_{arg.name}", option.info(arg.hint))
+        shared.opts.add_option(f"hidiffusion_default_{arg.name}", option.info(arg.hint).needs_reload_ui())
 
 
 def add_xyz_axes() -> bool:
@@ -224,5 +292,6 @@ def _xyz_confirm(axis: sa.Axis):
 script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
 script_callbacks.on_model_loaded(on_model_loaded)
 script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_infotext_pasted(on_infotext_pasted)
 if not add_xyz_axes():
     script_callbacks.on_before_ui(add_xyz_axes)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from unets import make_inputs, make_unet
-from webui_host import Host, Processing, load_script, sd_model
+from webui_host import Host, Processing, load_script, paste, sd_model, send_to
 
 import hidiffusion_lib as hd
 from hidiffusion_lib import script_args as sa
@@ -80,6 +80,30 @@ def test_step_map(host, second_order, steps, expected):
     assert host.steps_seen == [(s, steps) for s in expected]
 
 
+def test_dpm_adaptive_steps_follow_the_noise_level(host):
+    """DPM adaptive makes as many calls as it likes: the step comes from the noise level, as
+    the webui's refiner switch reads it (the nearest of the model's sigmas, out of 1000)."""
+    from types import SimpleNamespace
+
+    p = Processing(sd_model(host.unet), 320, 192)
+    p.sampler = SimpleNamespace(funcname="sample_dpm_adaptive")
+    noise = torch.randn(2, 4, 24, 40, generator=torch.Generator().manual_seed(1))
+    host.script.process(p, *args())
+    host.script.process_before_every_sampling(p, *args(), x=noise, noise=noise, c=None, uc=None)
+    sigmas = torch.linspace(0.03, 14.6, 1000)
+    denoiser = SimpleNamespace(step=0, steps=10, total_steps=10, inner_model=SimpleNamespace(sigmas=sigmas))
+    seen = []
+    for timestep in (999, 990, 900, 700, 600, 598, 300, 0):
+        sigma = sigmas[timestep].repeat(2)
+        params = host.stubs.callbacks.CFGDenoiserParams(noise, None, sigma, 0, 10, None, None, denoiser)
+        for callback in host.stubs.callbacks.callbacks["cfg_denoiser"]:
+            callback(params)
+        seen.append(host.module._Run.handle.state.step)
+        denoiser.step += 1
+    assert seen == [0, 0, 0, 2, 3, 4, 6, 9]
+    host.script.postprocess(p, None, *args())
+
+
 def test_hires_pass_restarts_the_schedule_and_can_be_left_out(host):
     host.generate(args(), 24, 40, steps=3, hires=(48, 80, 2))
     assert host.steps_seen == [(0, 3), (1, 3), (2, 3), (0, 2), (1, 2)]
@@ -89,37 +113,76 @@ def test_hires_pass_restarts_the_schedule_and_can_be_left_out(host):
     assert marks(host.unet) == 0
 
 
-def test_native_gate_skips_the_first_pass_and_applies_to_hires(host):
+def test_native_gate_skips_the_first_pass_says_so_and_applies_to_hires(host, capsys):
     vanilla, _ = host.generate(args(enabled=False), 48, 48, steps=2)
-    gated, p = host.generate(args(native_gate=True), 48, 48, steps=2)
-    assert torch.equal(gated, vanilla) and "HiDiffusion" not in p.extra_generation_params
-    host.generate(args(native_gate=True), 40, 40, steps=2, hires=(80, 80, 2))
+    gated, p = host.generate(args(native_gate=True, t1=0.5), 48, 48, steps=2)
+    assert torch.equal(gated, vanilla)
+    note = p.extra_generation_params[sa.SKIPPED_KEY]
+    assert note.startswith("first pass at 384x384") and "SD 1.x's training size (512x512" in note
+    assert note in capsys.readouterr().out
+    # what was asked stays in the infotext (paste restores it), but no schedule: nothing ran
+    assert p.extra_generation_params["HiDiffusion T1"] == 0.5
+    assert "HiDiffusion schedule" not in p.extra_generation_params
+    _, p = host.generate(args(native_gate=True), 40, 40, steps=2, hires=(80, 80, 2))
     assert host.steps_seen == [(0, 2), (1, 2)]
+    assert p.extra_generation_params[sa.SKIPPED_KEY].startswith("first pass at 320x320")
+    assert "HiDiffusion schedule" in p.extra_generation_params
+
+
+def test_native_gate_counts_area():
+    """SDXL's buckets are as large as its 1024x1024 training size: the gate skips them."""
+    gate = hd.Settings(native_gate=True)
+    for width, height in ((1024, 1024), (832, 1216), (896, 1152), (768, 1344), (640, 1536)):
+        assert hd.gated(gate, 128, height // 8, width // 8), (width, height)
+    for width, height in ((1024, 1536), (2048, 2048), (1088, 1088)):
+        assert not hd.gated(gate, 128, height // 8, width // 8), (width, height)
+    assert hd.gated(gate, 64, 64, 64) and not hd.gated(gate, 64, 64, 72)  # SD 1.x: 512x512, 576x512
+    assert not hd.gated(hd.Settings(native_gate=False), 64, 8, 8)
+
+
+def test_batch_images_are_their_seeds_alone(host):
+    """The window shifts depend on the step alone, so image k of a batch is its seed made alone."""
+    settings = [host.module.sa.parse(args(shift=policy)).settings() for policy in ("random", "cycle")]
+    assert all(s.seed == 0 for s in settings)
+    alone, _ = host.generate(args(), 24, 40, seed=7)
+    for seeds in ([6, 7], [3, 7]):  # the batch's first seed used to seed the shifts
+        in_batch, _ = host.generate(args(), 24, 40, p=Processing(sd_model(host.unet), 320, 192, seeds, seeds), seed=7)
+        assert torch.equal(in_batch, alone)
 
 
 def test_infotext_round_trip_restores_every_control(host):
-    chosen = dict(raunet=False, model="SD 2.x", t1=0.55, t2=-1, aggressive="Off", shift="fixed", shift_index=2,
+    chosen = dict(raunet=False, model="SD 2.x", t1=0.5, t2=-1, aggressive="Off", shift="fixed", shift_index=2,
                   rau_mode="bicubic", hires=False)
     parsed = sa.parse(args(**chosen))
     written = sa.infotext(parsed, hd.resolve(parsed.settings(), "sd2", 80, 80))
     text = ", ".join(f"{k}: {v}" for k, v in written.items())
     params = dict(re.findall(r"([^:,]+): ([^,]+)", text))  # infotext values arrive as strings
     params = {k.strip(): v.strip() for k, v in params.items()}
-    pasted = [sa.from_infotext(arg, params) for arg in sa.ARGS]
+    host.script.ui(False)
+    pasted = paste(host.stubs, host.script, params)
     assert sa.parse(pasted) == parsed
+    assert pasted[sa.ARG_NAMES.index("t1")] == "0.5" and pasted[sa.ARG_NAMES.index("shift_index")] == 2
+
+
+def test_send_to_copies_every_control(host):
+    """Send to img2img copies the controls named in paste_field_names, by string name."""
+    host.script.ui(False)
+    values = args(t1="0.5", shift="fixed", shift_index=2, raunet=False)
+    assert send_to(host.script, values) == values
 
 
 def test_old_and_partial_infotexts_paste(host):
     host.script.ui(False)
-    fields = dict(zip(sa.ARG_NAMES, host.script.infotext_fields, strict=True))
-    without = {"Steps": "20", "Sampler": "Euler"}
-    assert fields["enabled"][1](without) is False
-    assert fields["t1"][1](without) is None  # left as it is
-    partial = {"HiDiffusion": "True", "HiDiffusion T1": "banana"}
-    assert fields["enabled"][1](partial) is True
-    assert fields["t1"][1](partial) == sa.AUTO_RATIO
-    assert fields["shift"][1](partial) == "random"
+    name = sa.ARG_NAMES.index
+    without = paste(host.stubs, host.script, {"Steps": "20", "Sampler": "Euler"})
+    assert without[name("enabled")] is False
+    assert without[name("t1")] is None  # left as it is
+    partial = paste(host.stubs, host.script, {"HiDiffusion": "True", "HiDiffusion T1": "banana"})
+    assert partial[name("enabled")] is True
+    assert partial[name("t1")] == sa.AUTO
+    assert partial[name("shift")] == "random"
     assert host.script.paste_field_names == [a.infotext for a in sa.ARGS]
+    assert all(isinstance(key, str) for _, key in host.script.infotext_fields)
 
 
 def test_ui_components_follow_args_and_settings(host):
@@ -127,12 +190,21 @@ def test_ui_components_follow_args_and_settings(host):
     components = host.script.ui(True)
     assert [c.label for c in components] == [a.label for a in sa.ARGS]
     assert components[sa.ARG_NAMES.index("rau_mode")].value == "bicubic"
+    for arg, component in zip(sa.ARGS, components, strict=True):
+        # every value a control offers is one the script accepts
+        for value in getattr(component, "choices", None) or [True, False]:
+            sa.parse([*sa.defaults()[: sa.ARGS.index(arg)], value])
+        # Settings defaults must not be pinned by ui-config.json (modules/ui_loadsave.py)
+        assert getattr(component, "do_not_save_to_config", False) == arg.in_settings
     t1 = components[sa.ARG_NAMES.index("t1")]
-    assert (t1.minimum, t1.maximum, t1.value) == (-1, 1, -1.0)
+    assert type(t1).__name__ == "Dropdown" and t1.value == "auto" and "0.4" in t1.choices and "-0.5" not in t1.choices
+    shift_index = components[sa.ARG_NAMES.index("shift_index")]
+    assert type(shift_index).__name__ == "Radio" and shift_index.choices == [0, 1, 2, 3]
     for callback in host.stubs.callbacks.callbacks["ui_settings"]:
         callback()
-    keys = {k for k in host.stubs.shared.opts.data_labels if k.startswith("hidiffusion_default_")}
-    assert keys == {f"hidiffusion_default_{a.name}" for a in sa.ARGS if a.in_settings}
+    options = {k: v for k, v in host.stubs.shared.opts.data_labels.items() if k.startswith("hidiffusion_default_")}
+    assert set(options) == {f"hidiffusion_default_{a.name}" for a in sa.ARGS if a.in_settings}
+    assert all("(requires Reload UI)" in option.comment_after for option in options.values())
 
 
 def test_xyz_axes_registered_once_and_applied_per_cell(host):
@@ -178,10 +250,11 @@ def test_short_api_args_take_defaults(host):
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        (dict(t1=1.5), r"'t1' \(args\[4\]\) must be a number in \[0, 1\].*got 1.5"),
-        (dict(raunet="yes"), r"'raunet' \(args\[1\]\) must be true or false, got 'yes'"),
-        (dict(shift="spiral"), r"'shift' \(args\[7\]\) must be one of 'random', 'cycle', 'fixed'"),
-        (dict(shift_index=7), r"'shift_index' \(args\[8\]\) must be an integer in \[0, 3\]"),
+        (dict(t1=1.5), r"'T1 ratio' \(API argument 't1', args\[4\]\) must be a number in \[0, 1\].*got 1.5"),
+        (dict(t1=-0.5), r"'T1 ratio' \(API argument 't1', args\[4\]\) must be a number in \[0, 1\].*got -0.5"),
+        (dict(raunet="yes"), r"'RAU-Net' \(API argument 'raunet', args\[1\]\) must be true or false, got 'yes'"),
+        (dict(shift="spiral"), r"'Window shift' \(API argument 'shift', args\[7\]\) must be one of 'random'"),
+        (dict(shift_index=7), r"'Fixed shift index' \(API argument 'shift_index', args\[8\]\) must be an integer"),
     ],
 )
 def test_bad_api_args_fail_the_generation_with_422(host, bad, message):
@@ -196,9 +269,39 @@ def test_bad_api_args_fail_the_generation_with_422(host, bad, message):
     host.generate(args(enabled=False), 24, 40)
 
 
-def test_model_mismatch_is_refused_clearly(host):
-    with pytest.raises(sa.ArgError, match=r"cannot run on this model.*'sdxl' does not fit"):
+def test_model_mismatch_is_refused_in_the_ui_words(host):
+    with pytest.raises(sa.ArgError) as caught:
         host.generate(args(model="SDXL"), 24, 40)
+    assert str(caught.value) == ('HiDiffusion: Model preset "SDXL" does not fit the loaded model, which is SD 1.x/2.x;'
+                                 " choose Auto, SD 1.x or SD 2.x")
+    with pytest.raises(sa.ArgError, match=r'"SDXL-Turbo/Lightning" does not fit.*choose Auto, SD 1.x or SD 2.x$'):
+        host.generate(args(model="SDXL-Turbo/Lightning"), 24, 40)
+    assert marks(host.unet) == 0
+
+
+def test_refiner_steps_run_without_hidiffusion_and_say_so(host, capsys):
+    """The webui's refiner switch loads another model mid-pass (sd_samplers_common.apply_refiner)."""
+    refiner_info = object()
+    p = Processing(sd_model(host.unet), 320, 192)
+    p.refiner_checkpoint_info = refiner_info
+    on, _ = host.generate(args(), 24, 40)
+    host.script.process(p, *args())
+    noise = torch.randn(2, 4, 24, 40, generator=torch.Generator().manual_seed(1))
+    host.script.process_before_every_sampling(p, *args(), x=noise, noise=noise, c=None, uc=None)
+    assert host.module._Run.handle is not None
+    refiner = sd_model(make_unet("sd1"))
+    refiner.sd_checkpoint_info = refiner_info
+    for callback in host.stubs.callbacks.callbacks["model_loaded"]:
+        callback(refiner)
+    assert host.module._Run.handle is None and marks(host.unet) == 0
+    assert p.extra_generation_params[sa.REFINER_KEY] == sa.REFINER_NOTE
+    assert sa.REFINER_NOTE in capsys.readouterr().out
+    # a hires pass on the refiner is left alone too, and the next generation is unchanged
+    p.sd_model, p.is_hr_pass = refiner, True
+    host.script.process_before_every_sampling(p, *args(), x=noise, noise=noise, c=None, uc=None)
+    assert host.module._Run.handle is None
+    host.script.postprocess(p, None, *args())
+    assert torch.equal(host.generate(args(), 24, 40)[0], on)
 
 
 def test_hypertile_makes_mswmsa_step_aside(host):

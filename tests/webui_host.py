@@ -53,6 +53,31 @@ class Processing:
     is_hr_pass: bool = False
 
 
+def paste(stubs, script, params: dict) -> list:
+    """The update each of ``script``'s infotext fields gets from parsed infotext ``params``
+    (None: left as it is), as modules/infotext_utils.py connect_paste's paste_func computes
+    it: the infotext_pasted callbacks first, then the value by name (or callable), converted
+    to the type of the component's current value."""
+    params = dict(params)
+    for callback in stubs.callbacks.callbacks["infotext_pasted"]:
+        callback("", params)
+    updates = []
+    for component, key in script.infotext_fields:
+        value = key(params) if callable(key) else params.get(key)
+        if value is not None:
+            kind = type(component.value)
+            value = False if kind is bool and value == "False" else float(value) if kind is int else kind(value)
+        updates.append(value)
+    return updates
+
+
+def send_to(script, source_values: list) -> list:
+    """What "Send to img2img" copies (modules/infotext_utils.py connect_paste_params_buttons):
+    the source tab's value of each field whose name is a string in paste_field_names."""
+    names = script.paste_field_names
+    return [value for (_, name), value in zip(script.infotext_fields, source_values, strict=True) if name in names]
+
+
 def sd_model(unet: torch.nn.Module, arch: str = "sd1") -> SimpleNamespace:
     return SimpleNamespace(model=SimpleNamespace(diffusion_model=unet), is_sd1=arch == "sd1",
                            is_sd2=arch == "sd2", is_sdxl=arch == "sdxl")

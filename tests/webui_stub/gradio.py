@@ -22,6 +22,12 @@ class Dropdown(Component):
         self.choices = choices
 
 
+class Radio(Component):
+    def __init__(self, choices=None, value=None, label=None, **kwargs):
+        super().__init__(value=value, label=label, **kwargs)
+        self.choices = choices
+
+
 class Slider(Component):
     def __init__(self, minimum=0, maximum=100, value=None, step=None, label=None, **kwargs):
         super().__init__(value=value, label=label, **kwargs)

@@ -30,5 +30,10 @@ def on_ui_settings(callback, *, name=None):
     callbacks["ui_settings"].append(callback)
 
 
+def on_infotext_pasted(callback, *, name=None):
+    """Called as callback(infotext, params) before a paste applies the parsed params."""
+    callbacks["infotext_pasted"].append(callback)
+
+
 def on_before_ui(callback, *, name=None):
     callbacks["before_ui"].append(callback)

@@ -1,6 +1,6 @@
 """Mirrors modules/shared.py + modules/options.py: `opts` with `data`, `add_option`, attribute
 access to values and defaults; `OptionInfo(default, label, component, component_args,
-section=...)` with `.info()`."""
+section=...)` with `.info()` and `.needs_reload_ui()`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ class OptionInfo:
 
     def info(self, info):
         self.comment_after += f"<span class='info'>({info})</span>"
+        return self
+
+    def needs_reload_ui(self):
+        self.comment_after += " <span class='info'>(requires Reload UI)</span>"
         return self
 
 
