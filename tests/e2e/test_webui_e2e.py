@@ -1,117 +1,53 @@
-"""End to end against a real AUTOMATIC1111 webui (v1.10.x), skipped unless WEBUI_DIR is set.
-
-WEBUI_DIR: an existing webui checkout (with its repositories/). WEBUI_PYTHON: its venv's
-python (default WEBUI_DIR/venv/bin/python). The fixture links this extension into
-WEBUI_DIR/extensions (and unlinks it after), writes a tiny random-weight SD 1.x checkpoint
-with tests/e2e/tiny_checkpoint.py, starts the webui API-only on a free loopback port and
-stops it at the end. A run takes a few minutes on a CPU.
+"""End to end through the HTTP API of a real AUTOMATIC1111 webui (v1.10.x), skipped unless
+WEBUI_DIR is set (see conftest.py): a tiny random-weight SD 1.x checkpoint, the webui API-only
+on a free loopback port, the engine's trace written to a file (HIDIFFUSION_TRACE). A run takes
+several minutes on a CPU.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import Webui, digest, infotexts, needs_webui, running_webui, write_checkpoint
 
 from hidiffusion_lib import script_args as sa
 
-ROOT = Path(__file__).parents[2]
-WEBUI_DIR = os.environ.get("WEBUI_DIR")
-pytestmark = pytest.mark.skipif(not WEBUI_DIR, reason="WEBUI_DIR is not set: no webui to test against")
+pytestmark = needs_webui
 BASE = dict(prompt="a red cube", negative_prompt="", steps=4, width=768, height=768, sampler_name="Euler", seed=1,
             cfg_scale=7)
 
 
-class Webui:
-    def __init__(self, url: str):
-        self.url = url
-
-    def call(self, route: str, payload: dict | None = None, timeout: float = 900) -> tuple[int, dict]:
-        data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(self.url + route, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, json.load(response)
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read() or b"{}")
+class Txt2img(Webui):
+    trace: Path
 
     def txt2img(self, args: list | None = None, **overrides) -> dict:
-        payload = {**BASE, **overrides}
-        if args is not None:
-            payload["alwayson_scripts"] = {"HiDiffusion": {"args": args}}
-        status, body = self.call("/sdapi/v1/txt2img", payload)
-        assert status == 200, body
-        return body
+        return self.generate("/sdapi/v1/txt2img", BASE, args, **overrides)
 
-
-def digest(body: dict, index: int = 0) -> str:
-    return hashlib.sha256(base64.b64decode(body["images"][index])).hexdigest()
-
-
-def infotexts(body: dict) -> list[str]:
-    return json.loads(body["info"])["infotexts"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def traced(self, args: list, **overrides) -> list[dict]:
+        """The engine's trace (one record per sampling pass) of one txt2img."""
+        start = self.trace.stat().st_size if self.trace.exists() else 0
+        self.txt2img(args, **overrides)
+        with open(self.trace, encoding="utf-8") as file:
+            file.seek(start)
+            return [json.loads(line) for line in file]
 
 
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory):
-    webui_dir = Path(WEBUI_DIR)
-    python = os.environ.get("WEBUI_PYTHON", str(webui_dir / "venv" / "bin" / "python"))
-    ckpt_dir = tmp_path_factory.mktemp("ckpt")
-    subprocess.run([python, str(ROOT / "tests" / "e2e" / "tiny_checkpoint.py"), str(ckpt_dir)], check=True)
-    link = webui_dir / "extensions" / "sd-webui-hidiffusion-e2e"
-    linked = [p for p in (webui_dir / "extensions").iterdir() if p.resolve() == ROOT.resolve()]
-    if not linked:
-        link.symlink_to(ROOT, target_is_directory=True)
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    log = open(tmp_path_factory.mktemp("log") / "webui.log", "w")  # noqa: SIM115 - closed at teardown
-    process = subprocess.Popen(
-        [python, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check",
-         "--use-cpu", "all", "--no-half", "--precision", "full", "--disable-nan-check", "--opt-sdp-attention",
-         "--api", "--nowebui", "--server-name", "127.0.0.1", "--port", str(port),
-         "--ckpt", str(ckpt_dir / "tiny-sd1.safetensors")],
-        cwd=webui_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    client = Webui(f"http://127.0.0.1:{port}")
-    try:
-        deadline = time.time() + 300
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"webui exited with {process.returncode}; see {log.name}")
-            try:
-                if client.call("/sdapi/v1/script-info", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"webui did not answer in 300 s; see {log.name}")
-            time.sleep(2)
-        yield client
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-        log.close()
-        if not linked:
-            link.unlink()
+    workdir = tmp_path_factory.mktemp("webui")
+    ckpt = write_checkpoint(workdir / "ckpt")
+    trace = workdir / "trace.jsonl"
+    with running_webui(workdir, ckpt, env={"HIDIFFUSION_TRACE": str(trace)}) as client:
+        webui = Txt2img(client.url, client.log)
+        webui.trace = trace
+        yield webui
 
 
 def test_script_info_lists_every_argument(webui):
@@ -126,7 +62,7 @@ def test_script_info_lists_every_argument(webui):
 def test_off_is_untouched_and_on_is_reproducible(webui):
     off = webui.txt2img()
     on = webui.txt2img([True])
-    assert digest(on) != digest(off)
+    assert (pixels(on, 0) != pixels(off, 0)).any()  # the image itself, not only its infotext
     assert "HiDiffusion: True" in infotexts(on)[0] and "HiDiffusion" not in infotexts(off)[0]
     assert digest(webui.txt2img()) == digest(off)
     assert digest(webui.txt2img([True])) == digest(on)
@@ -191,6 +127,89 @@ def test_batch_job_file_runs_and_resumes(webui, tmp_path):
     assert main(["run", str(job), "--url", webui.url, "--out", str(out)]) == 0
     assert [p.stat().st_mtime for p in pngs] == mtimes
     assert main(["report", str(out)]) == 0
+
+
+def pixels(body: dict, index: int):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][index]))).convert("RGB"), dtype=int)
+
+
+@pytest.mark.parametrize(("batch_size", "n_iter"), [(2, 1), (4, 1), (1, 2)], ids=["size2", "size4", "count2"])
+def test_every_image_of_a_batch_is_its_seed_alone(webui, batch_size, n_iter):
+    """The webui draws image k's noise from seed + k; with HiDiffusion on, image k must come
+    out the same when made alone from that seed (window shifts by step, not by image)."""
+    size = dict(steps=3, width=640, height=640)
+    batch = webui.txt2img([True], seed=20, batch_size=batch_size, n_iter=n_iter, **size)
+    texts = infotexts(batch)
+    assert len(batch["images"]) == batch_size * n_iter and all("HiDiffusion: True" in t for t in texts)
+    for k in range(batch_size * n_iter):
+        alone = webui.txt2img([True], seed=20 + k, **size)
+        assert f"Seed: {20 + k}," in texts[k]
+        assert abs(pixels(batch, k) - pixels(alone, 0)).max() <= 2, f"image {k}"
+
+
+ALL_SAMPLERS = 20
+
+
+def _check_schedule(name: str, forwards: list[dict], steps: int, t1: float, ordered: bool = True) -> list[int]:
+    seen = [f["step"] for f in forwards]
+    assert seen and seen[0] == 0 and (seen == sorted(seen) or not ordered), (name, seen)
+    assert all(f["steps"] == steps and f["main"] == (f["step"] < int(steps * t1)) for f in forwards), (name, forwards)
+    return seen
+
+
+def test_every_sampler_runs_with_hidiffusion_and_gets_the_schedule(webui):
+    """All samplers but DPM adaptive (next test) return an image with no traceback; the engine's
+    trace says, for each, that RAU-Net ran exactly while step < int(steps * T1) and that the
+    steps covered the pass in order."""
+    status, samplers = webui.call("/sdapi/v1/samplers")
+    names = [s["name"] for s in samplers]
+    assert status == 200 and len(names) == ALL_SAMPLERS
+    log_start = len(webui.log_text())
+    steps, t1 = 5, 0.4
+    seen = {}
+    for name in names:
+        if name == "DPM adaptive":
+            continue
+        passes = webui.traced([True], sampler_name=name, steps=steps, width=576, height=576)
+        assert len(passes) == 1 and passes[0]["sampler"] == name, name
+        seen[name] = _check_schedule(name, passes[0]["forwards"], steps, t1)
+    # one call a step; the webui's DDIM makes steps - 1 calls (range(len(timesteps) - 1))
+    expected = {name: list(range(steps)) for name in ("Euler", "Euler a", "LMS", "DPM++ 2M", "DPM++ 2M SDE",
+                                                     "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM fast", "LCM")}
+    expected |= {name: list(range(steps - 1)) for name in ("DDIM", "DDIM CFG++")}
+    # two calls a step, one for the last
+    expected |= {name: sorted([*range(steps), *range(steps - 1)]) for name in ("Heun", "DPM2", "DPM2 a", "DPM++ 2S a",
+                                                                               "DPM++ SDE", "Restart")}
+    wrong = {name: seen[name] for name in expected if seen.get(name) != expected[name]}
+    assert not wrong, f"steps seen {seen}"
+    assert all(steps - 2 <= s[-1] <= steps - 1 for s in seen.values()), seen  # every pass reached its end
+    log = webui.log_text()[log_start:]
+    assert "Traceback" not in log, log[-3000:]
+
+
+def test_dpm_adaptive_takes_its_step_from_the_noise_level(webui):
+    """DPM adaptive picks its own number of calls (hundreds on a random-weight model): the step
+    is read from the noise level, so RAU-Net stays on while the pass is in its first T1 of the
+    noise range, not for the first int(steps * T1) calls. Its steps can go back (it retries a
+    rejected step from a higher noise level). Interrupted after a while; the trace of the calls
+    made so far is written when the pass ends."""
+    steps, t1 = 5, 0.4
+    start = webui.trace.stat().st_size if webui.trace.exists() else 0
+    thread = threading.Thread(target=webui.txt2img, args=([True],),
+                              kwargs=dict(sampler_name="DPM adaptive", steps=steps, width=528, height=528))
+    thread.start()
+    time.sleep(45)
+    webui.call("/sdapi/v1/interrupt", {})
+    thread.join()
+    with open(webui.trace, encoding="utf-8") as file:
+        file.seek(start)
+        (record,) = [json.loads(line) for line in file]
+    forwards = record["forwards"]
+    _check_schedule("DPM adaptive", forwards, steps, t1, ordered=False)
+    assert sum(f["main"] for f in forwards) > int(steps * t1), "RAU-Net went off by call count"
 
 
 if __name__ == "__main__":

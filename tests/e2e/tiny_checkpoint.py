@@ -1,14 +1,27 @@
-"""Write a tiny random-weight SD 1.x checkpoint that the AUTOMATIC1111 webui loads offline.
+"""Write tiny random-weight checkpoints that the AUTOMATIC1111 webui loads offline.
 
-Output in ``out_dir``: ``tiny-sd1.safetensors``, ``tiny-sd1.yaml`` (the config the webui
-picks up beside a checkpoint) and ``tiny-sd1-clip/`` (CLIP tokenizer built from the BPE
-vocabulary that open_clip ships, plus a small text-encoder config), so nothing is fetched
-from a hub. The U-Net keeps the SD 1.x block layout (12 input blocks, downsamples at 3, 6
-and 9, attention at levels 0-2) with few, 32-wide heads; weights are random, the same for a
-given seed. The YAML names the CLIP folder by absolute path: move the three together or rerun.
+``sd1``: ``tiny-sd1.safetensors``, ``tiny-sd1.yaml`` (the config the webui picks up beside a
+checkpoint) and ``tiny-sd1-clip/`` (CLIP tokenizer built from the BPE vocabulary that
+open_clip ships, plus a small text-encoder config), so nothing is fetched from a hub. The
+U-Net keeps the SD 1.x block layout (12 input blocks, downsamples at 3, 6 and 9, attention at
+levels 0-2) with few, 32-wide heads.
 
-Usage: ``python tests/e2e/tiny_checkpoint.py OUT_DIR`` (needs torch, safetensors,
-omegaconf, transformers and open_clip, as in the webui's venv).
+``sdxl``: ``tiny-sdxl.safetensors``, ``tiny-sdxl.yaml`` and ``tiny-sdxl-clip/``: an sgm
+DiffusionEngine with the SDXL base layout (9 input blocks, downsamples at 3 and 6, attention at
+levels 1 and 2 with transformer depth 2, ``adm_in_channels`` for the pooled text and the three
+size embeddings), the two text embedders the webui expects for SDXL (a small HF CLIP text model
+from the same folder recipe as sd1, and an OpenCLIP text tower with the architecture of the
+``ViT-S-32-alt`` config that open_clip ships, so open_clip finds it offline) and a VAE kept
+cheap at 2048 px (32 channels, few res blocks, no attention, no resampling convs). The state dict has
+``conditioner.embedders.1.model.ln_final.weight`` and no ``...embedders.0.model.ln_final``:
+that is how the webui tells the SDXL base from the refiner (modules/sd_models_config.py).
+
+Weights are random, the same for a given seed. The YAML names the CLIP folder by absolute
+path: move them together or rerun. A non-zero SEED writes ``tiny-KIND-seedSEED.*`` and its own
+CLIP folder, e.g. a second SDXL checkpoint to switch to as a refiner (two writers can run at once).
+
+Usage: ``python tests/e2e/tiny_checkpoint.py OUT_DIR [sd1|sdxl [SEED]]`` (needs torch,
+safetensors, omegaconf, transformers and open_clip, as in the webui's venv).
 """
 
 from __future__ import annotations
@@ -29,11 +42,23 @@ from transformers.models.clip.tokenization_clip import bytes_to_unicode
 STEM = "tiny-sd1"
 UNET_CHANNELS = 32
 UNET_MULT = (1, 2, 4, 4)
+UNET_DEPTH = (1, 1, 1, 0)  # transformer depth per level (0: no attention)
 HEAD_WIDTH = 32
 TEXT_WIDTH = 64
+TEXT_LAYERS = 2
 VAE_CHANNELS = 32
 VAE_MULT = (1, 1, 2, 2)
 LATENT = 4
+
+SDXL_STEM = "tiny-sdxl"
+SDXL_MULT = (1, 2, 4)
+SDXL_DEPTH = (0, 2, 2)
+OPENCLIP_ARCH = "ViT-S-32-alt"  # a config open_clip ships: 10 layers of width 256 (bigG: 32 of 1280)
+SIZE_EMBED = 256  # ConcatTimestepEmbedderND outdim; three of them embed two numbers each
+# The VAE decodes 2048 px images: one res block a level on the way up, none on the way down,
+# 32 channels throughout (GroupNorm's 32 groups), resampling without convs, no attention.
+SDXL_VAE_MULT = (1, 1, 1, 1)
+SDXL_VAE_RES = 0
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -64,36 +89,45 @@ def _resblock(s: Shapes, p: str, cin: int, cout: int, temb: int) -> None:
         _conv(s, f"{p}.skip_connection", cout, cin, 1)
 
 
-def _transformer(s: Shapes, p: str, c: int, ctx: int) -> None:
+def _transformer(s: Shapes, p: str, c: int, ctx: int, depth: int = 1, linear: bool = False) -> None:
+    """A SpatialTransformer; ``linear``: proj_in/out are Linear (SDXL), else 1x1 convs."""
+    proj = _linear if linear else (lambda s_, name, cout, cin: _conv(s_, name, cout, cin, 1))
     _norm(s, f"{p}.norm", c)
-    _conv(s, f"{p}.proj_in", c, c, 1)
-    b = f"{p}.transformer_blocks.0"
-    for attn, kv in (("attn1", c), ("attn2", ctx)):
-        _linear(s, f"{b}.{attn}.to_q", c, c, bias=False)
-        _linear(s, f"{b}.{attn}.to_k", c, kv, bias=False)
-        _linear(s, f"{b}.{attn}.to_v", c, kv, bias=False)
-        _linear(s, f"{b}.{attn}.to_out.0", c, c)
-    _linear(s, f"{b}.ff.net.0.proj", 8 * c, c)
-    _linear(s, f"{b}.ff.net.2", c, 4 * c)
-    for n in ("norm1", "norm2", "norm3"):
-        _norm(s, f"{b}.{n}", c)
-    _conv(s, f"{p}.proj_out", c, c, 1)
+    proj(s, f"{p}.proj_in", c, c)
+    for d in range(depth):
+        b = f"{p}.transformer_blocks.{d}"
+        for attn, kv in (("attn1", c), ("attn2", ctx)):
+            _linear(s, f"{b}.{attn}.to_q", c, c, bias=False)
+            _linear(s, f"{b}.{attn}.to_k", c, kv, bias=False)
+            _linear(s, f"{b}.{attn}.to_v", c, kv, bias=False)
+            _linear(s, f"{b}.{attn}.to_out.0", c, c)
+        _linear(s, f"{b}.ff.net.0.proj", 8 * c, c)
+        _linear(s, f"{b}.ff.net.2", c, 4 * c)
+        for n in ("norm1", "norm2", "norm3"):
+            _norm(s, f"{b}.{n}", c)
+    proj(s, f"{p}.proj_out", c, c)
 
 
-def unet_shapes(mc: int = UNET_CHANNELS, mult: tuple[int, ...] = UNET_MULT, ctx: int = TEXT_WIDTH) -> Shapes:
-    """Parameter shapes of ldm's UNetModel (SD 1.x layout, 2 res blocks a level)."""
+def unet_shapes(mc: int = UNET_CHANNELS, mult: tuple[int, ...] = UNET_MULT, ctx: int = TEXT_WIDTH,
+                depth: tuple[int, ...] = UNET_DEPTH, middle: int = 1, linear: bool = False, adm: int = 0) -> Shapes:
+    """Parameter shapes of ldm's / sgm's UNetModel (2 res blocks a level, a downsample after
+    every level but the last); ``depth[level]`` transformer blocks at a level (0: none),
+    ``middle`` in the middle block; ``adm``: input width of the sequential label embedding."""
     s: Shapes = {}
     temb = 4 * mc
     _linear(s, "time_embed.0", temb, mc)
     _linear(s, "time_embed.2", temb, temb)
+    if adm:
+        _linear(s, "label_emb.0.0", temb, adm)
+        _linear(s, "label_emb.0.2", temb, temb)
     _conv(s, "input_blocks.0.0", mc, LATENT)
     chans, ch, i = [mc], mc, 1
     for level, m in enumerate(mult):
         for _ in range(2):
             _resblock(s, f"input_blocks.{i}.0", ch, mc * m, temb)
             ch = mc * m
-            if level < len(mult) - 1:
-                _transformer(s, f"input_blocks.{i}.1", ch, ctx)
+            if depth[level]:
+                _transformer(s, f"input_blocks.{i}.1", ch, ctx, depth[level], linear)
             chans.append(ch)
             i += 1
         if level < len(mult) - 1:
@@ -101,15 +135,15 @@ def unet_shapes(mc: int = UNET_CHANNELS, mult: tuple[int, ...] = UNET_MULT, ctx:
             chans.append(ch)
             i += 1
     _resblock(s, "middle_block.0", ch, ch, temb)
-    _transformer(s, "middle_block.1", ch, ctx)
+    _transformer(s, "middle_block.1", ch, ctx, middle, linear)
     _resblock(s, "middle_block.2", ch, ch, temb)
     i = 0
     for level, m in reversed(list(enumerate(mult))):
         for j in range(3):
             _resblock(s, f"output_blocks.{i}.0", ch + chans.pop(), mc * m, temb)
             ch, k = mc * m, 1
-            if level < len(mult) - 1:
-                _transformer(s, f"output_blocks.{i}.1", ch, ctx)
+            if depth[level]:
+                _transformer(s, f"output_blocks.{i}.1", ch, ctx, depth[level], linear)
                 k = 2
             if level and j == 2:
                 _conv(s, f"output_blocks.{i}.{k}.conv", ch, ch)
@@ -128,16 +162,20 @@ def _vae_resblock(s: Shapes, p: str, cin: int, cout: int) -> None:
         _conv(s, f"{p}.nin_shortcut", cout, cin, 1)
 
 
-def _vae_mid(s: Shapes, p: str, c: int) -> None:
+def _vae_mid(s: Shapes, p: str, c: int, attn: bool) -> None:
     _vae_resblock(s, f"{p}.block_1", c, c)
-    _norm(s, f"{p}.attn_1.norm", c)
-    for n in ("q", "k", "v", "proj_out"):
-        _conv(s, f"{p}.attn_1.{n}", c, c, 1)
+    if attn:
+        _norm(s, f"{p}.attn_1.norm", c)
+        for n in ("q", "k", "v", "proj_out"):
+            _conv(s, f"{p}.attn_1.{n}", c, c, 1)
     _vae_resblock(s, f"{p}.block_2", c, c)
 
 
-def vae_shapes(ch: int = VAE_CHANNELS, mult: tuple[int, ...] = VAE_MULT, nres: int = 1) -> Shapes:
-    """Parameter shapes of ldm's AutoencoderKL (double_z, no attention but the mid block's)."""
+def vae_shapes(ch: int = VAE_CHANNELS, mult: tuple[int, ...] = VAE_MULT, nres: int = 1, attn: bool = True,
+               resample_conv: bool = True) -> Shapes:
+    """Parameter shapes of ldm's AutoencoderKL / sgm's AutoencodingEngineLegacy (double_z;
+    no attention but the mid blocks', and none there without ``attn``: attn_type "none";
+    without ``resample_conv`` the down/upsamplers pool and repeat: resamp_with_conv false)."""
     s: Shapes = {}
     _conv(s, "encoder.conv_in", ch, 3)
     c = ch
@@ -145,19 +183,19 @@ def vae_shapes(ch: int = VAE_CHANNELS, mult: tuple[int, ...] = VAE_MULT, nres: i
         for j in range(nres):
             _vae_resblock(s, f"encoder.down.{i}.block.{j}", c, ch * m)
             c = ch * m
-        if i < len(mult) - 1:
+        if i < len(mult) - 1 and resample_conv:
             _conv(s, f"encoder.down.{i}.downsample.conv", c, c)
-    _vae_mid(s, "encoder.mid", c)
+    _vae_mid(s, "encoder.mid", c, attn)
     _norm(s, "encoder.norm_out", c)
     _conv(s, "encoder.conv_out", 2 * LATENT, c)
     c = ch * mult[-1]
     _conv(s, "decoder.conv_in", c, LATENT)
-    _vae_mid(s, "decoder.mid", c)
+    _vae_mid(s, "decoder.mid", c, attn)
     for i in reversed(range(len(mult))):
         for j in range(nres + 1):
             _vae_resblock(s, f"decoder.up.{i}.block.{j}", c, ch * mult[i])
             c = ch * mult[i]
-        if i:
+        if i and resample_conv:
             _conv(s, f"decoder.up.{i}.upsample.conv", c, c)
     _norm(s, "decoder.norm_out", c)
     _conv(s, "decoder.conv_out", 3, c)
@@ -166,13 +204,38 @@ def vae_shapes(ch: int = VAE_CHANNELS, mult: tuple[int, ...] = VAE_MULT, nres: i
     return s
 
 
+def open_clip_text_shapes(arch: str = OPENCLIP_ARCH) -> Shapes:
+    """Parameter shapes of the text tower of open_clip's CLIP ``arch`` (the visual tower is
+    deleted by sgm's FrozenOpenCLIPEmbedder2), read from the config open_clip ships."""
+    import open_clip
+
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise RuntimeError(f"open_clip has no model config {arch!r}")
+    text, embed = config["text_cfg"], config["embed_dim"]
+    w, mlp = text["width"], int(text["width"] * text.get("mlp_ratio", 4.0))
+    s: Shapes = {"positional_embedding": (text["context_length"], w), "text_projection": (w, embed),
+                 "logit_scale": (), "token_embedding.weight": (text["vocab_size"], w)}
+    for i in range(text["layers"]):
+        b = f"transformer.resblocks.{i}"
+        _norm(s, f"{b}.ln_1", w)
+        s[f"{b}.attn.in_proj_weight"] = (3 * w, w)
+        s[f"{b}.attn.in_proj_bias"] = (3 * w,)
+        _linear(s, f"{b}.attn.out_proj", w, w)
+        _norm(s, f"{b}.ln_2", w)
+        _linear(s, f"{b}.mlp.c_fc", mlp, w)
+        _linear(s, f"{b}.mlp.c_proj", w, mlp)
+    _norm(s, "ln_final", w)
+    return s
+
+
 def _random(shapes: Shapes, prefix: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Biases 0, norm scales 1, other weights N(0, 1/fan_in): finite activations throughout."""
+    """Biases 0, norm scales (and scalars) 1, other weights N(0, 1/fan_in): finite activations."""
     out: dict[str, torch.Tensor] = {}
     for name, shape in shapes.items():
-        if name.endswith(".bias"):
+        if name.endswith("bias"):
             t = torch.zeros(shape)
-        elif len(shape) == 1:
+        elif len(shape) <= 1:
             t = torch.ones(shape)
         else:
             t = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
@@ -203,13 +266,35 @@ def write_clip_folder(folder: pathlib.Path) -> CLIPTextConfig:
         vocab_size=len(tokens),
         hidden_size=TEXT_WIDTH,
         intermediate_size=4 * TEXT_WIDTH,
-        num_hidden_layers=2,
+        num_hidden_layers=TEXT_LAYERS,
         num_attention_heads=2,
         max_position_embeddings=77,
         hidden_act="quick_gelu",
     )
     config.save_pretrained(str(folder))
     return config
+
+
+def _clip_text_state(config: CLIPTextConfig, prefix: str, seed: int) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel's state dict with transformers' own random init, seeded."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        text_model = CLIPTextModel(config)
+    return {prefix + k: v for k, v in text_model.state_dict().items()}
+
+
+def _stem(base: str, seed: int) -> str:
+    return base if seed == 0 else f"{base}-seed{seed}"
+
+
+def _save(out_dir: pathlib.Path, stem: str, state: dict[str, torch.Tensor], yaml_text: str) -> pathlib.Path:
+    """The checkpoint and its YAML beside it; the YAML is parsed first so a broken template
+    fails here, not in the webui."""
+    OmegaConf.create(yaml_text)
+    ckpt = out_dir / f"{stem}.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt))
+    (out_dir / f"{stem}.yaml").write_text(yaml_text, encoding="utf-8")
+    return ckpt
 
 
 _YAML = """\
@@ -232,20 +317,16 @@ model:
 
 
 def make_tiny_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
-    """Write the checkpoint, its YAML and CLIP folder into ``out_dir``; return the checkpoint path."""
+    """Write the SD 1.x checkpoint, its YAML and CLIP folder into ``out_dir``; return the checkpoint path."""
     out_dir = pathlib.Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    clip_dir = out_dir / f"{STEM}-clip"
+    stem = _stem(STEM, seed)
+    clip_dir = out_dir / f"{stem}-clip"
     text_config = write_clip_folder(clip_dir)
     gen = torch.Generator().manual_seed(seed)
     state = _random(unet_shapes(), "model.diffusion_model.", gen)
     state |= _random(vae_shapes(), "first_stage_model.", gen)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        text_model = CLIPTextModel(text_config)
-    state |= {f"cond_stage_model.transformer.{k}": v for k, v in text_model.state_dict().items()}
-    ckpt = out_dir / f"{STEM}.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt))
+    state |= _clip_text_state(text_config, "cond_stage_model.transformer.", seed)
     text = _YAML.format(
         z=LATENT,
         mc=UNET_CHANNELS,
@@ -256,12 +337,80 @@ def make_tiny_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
         vmult=list(VAE_MULT),
         clip=clip_dir.as_posix(),
     )
-    OmegaConf.create(text)  # fail here, not in the webui, if the template is broken
-    (out_dir / f"{STEM}.yaml").write_text(text, encoding="utf-8")
-    return ckpt
+    return _save(out_dir, stem, state, text)
 
+
+def _sdxl_config(clip_dir: pathlib.Path, ctx: int, adm: int) -> dict:
+    """configs/inference/sd_xl_base.yaml of generative-models, shrunk."""
+    size_embedders = [
+        {"is_trainable": False, "input_key": key, "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
+         "params": {"outdim": SIZE_EMBED}}
+        for key in ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
+    ]
+    return {"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": {
+        "scale_factor": 0.13025,
+        "disable_first_stage_autocast": True,
+        "denoiser_config": {"target": "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser", "params": {
+            "num_idx": 1000,
+            "weighting_config": {"target": "sgm.modules.diffusionmodules.denoiser_weighting.EpsWeighting"},
+            "scaling_config": {"target": "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling"},
+            "discretization_config": {"target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"},
+        }},
+        "network_config": {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
+            "adm_in_channels": adm, "num_classes": "sequential", "use_checkpoint": False, "in_channels": LATENT,
+            "out_channels": LATENT, "model_channels": UNET_CHANNELS, "attention_resolutions": [4, 2],
+            "num_res_blocks": 2, "channel_mult": list(SDXL_MULT), "num_head_channels": HEAD_WIDTH,
+            "use_spatial_transformer": True, "use_linear_in_transformer": True,
+            "transformer_depth": list(SDXL_DEPTH), "context_dim": ctx,
+            "spatial_transformer_attn_type": "softmax-xformers", "legacy": False,
+        }},
+        "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": [
+            {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+             # the penultimate layer, as layer_idx 11 of CLIP ViT-L's 12
+             "params": {"layer": "hidden", "layer_idx": TEXT_LAYERS - 1, "version": clip_dir.as_posix()}},
+            {"is_trainable": False, "input_key": "txt",
+             "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
+             "params": {"arch": OPENCLIP_ARCH, "version": None, "freeze": True, "layer": "penultimate",
+                        "always_return_pooled": True, "legacy": False}},
+            *size_embedders,
+        ]}},
+        "first_stage_config": {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "params": {
+            "embed_dim": LATENT, "monitor": "val/rec_loss",
+            "ddconfig": {"attn_type": "none", "double_z": True, "z_channels": LATENT, "resolution": 256,
+                         "in_channels": 3, "out_ch": 3, "ch": VAE_CHANNELS, "ch_mult": list(SDXL_VAE_MULT),
+                         "num_res_blocks": SDXL_VAE_RES, "resamp_with_conv": False, "attn_resolutions": [],
+                         "dropout": 0.0},
+            "lossconfig": {"target": "torch.nn.Identity"},
+        }},
+    }}}
+
+
+def make_tiny_sdxl_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """Write the SDXL base checkpoint, its YAML and CLIP folder into ``out_dir``; return the checkpoint path."""
+    out_dir = pathlib.Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = _stem(SDXL_STEM, seed)
+    clip_dir = out_dir / f"{stem}-clip"
+    text_config = write_clip_folder(clip_dir)
+    open_clip_shapes = open_clip_text_shapes()
+    pooled = open_clip_shapes["text_projection"][1]
+    ctx = TEXT_WIDTH + open_clip_shapes["ln_final.weight"][0]
+    adm = pooled + 3 * 2 * SIZE_EMBED
+    gen = torch.Generator().manual_seed(seed)
+    state = _random(unet_shapes(mult=SDXL_MULT, ctx=ctx, depth=SDXL_DEPTH, middle=SDXL_DEPTH[-1], linear=True,
+                                adm=adm), "model.diffusion_model.", gen)
+    vae = vae_shapes(mult=SDXL_VAE_MULT, nres=SDXL_VAE_RES, attn=False, resample_conv=False)
+    state |= _random(vae, "first_stage_model.", gen)
+    state |= _random(open_clip_shapes, "conditioner.embedders.1.model.", gen)
+    state |= _clip_text_state(text_config, "conditioner.embedders.0.transformer.", seed)
+    text = OmegaConf.to_yaml(OmegaConf.create(_sdxl_config(clip_dir, ctx, adm)))
+    return _save(out_dir, stem, state, text)
+
+
+WRITERS = {"sd1": make_tiny_checkpoint, "sdxl": make_tiny_sdxl_checkpoint}
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(f"usage: {sys.argv[0]} OUT_DIR")
-    print(make_tiny_checkpoint(pathlib.Path(sys.argv[1])))
+    args = sys.argv[1:]
+    if not 1 <= len(args) <= 3 or (args[1:] and args[1] not in WRITERS) or (args[2:] and not args[2].isdigit()):
+        sys.exit(f"usage: {sys.argv[0]} OUT_DIR [{'|'.join(WRITERS)} [SEED]]")
+    print(WRITERS[args[1] if len(args) > 1 else "sd1"](pathlib.Path(args[0]), int(args[2]) if len(args) > 2 else 0))

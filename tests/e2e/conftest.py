@@ -1,0 +1,155 @@
+"""Shared fixtures of the end-to-end tests: a real AUTOMATIC1111 webui (v1.10.x) started on a
+free loopback port, with this extension linked into it and tiny random-weight checkpoints.
+
+Environment: WEBUI_DIR (a webui checkout with its repositories/; without it every e2e test
+skips), WEBUI_PYTHON (its venv's python, default WEBUI_DIR/venv/bin/python).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+WEBUI_DIR = os.environ.get("WEBUI_DIR")
+needs_webui = pytest.mark.skipif(not WEBUI_DIR, reason="WEBUI_DIR is not set: no webui to test against")
+# The webui's flags for a CPU-only, offline machine (see the README's "Tests").
+CPU_FLAGS = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check", "--use-cpu", "all",
+             "--no-half", "--precision", "full", "--disable-nan-check", "--opt-sdp-attention"]
+START_TIMEOUT = 300
+
+
+class Webui:
+    """A client of one running webui."""
+
+    def __init__(self, url: str, log: Path | None = None):
+        self.url = url
+        self.log = log
+
+    def call(self, route: str, payload: dict | None = None, timeout: float = 900) -> tuple[int, dict]:
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(self.url + route, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+    def generate(self, route: str, base: dict, args: list | None = None, **overrides) -> dict:
+        payload = {**base, **overrides}
+        if args is not None:
+            payload.setdefault("alwayson_scripts", {})["HiDiffusion"] = {"args": args}
+        status, body = self.call(route, payload)
+        assert status == 200, body
+        return body
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
+
+
+def digest(body: dict, index: int = 0) -> str:
+    return hashlib.sha256(base64.b64decode(body["images"][index])).hexdigest()
+
+
+def infotexts(body: dict) -> list[str]:
+    return json.loads(body["info"])["infotexts"]
+
+
+def webui_python() -> str:
+    return os.environ.get("WEBUI_PYTHON", str(Path(WEBUI_DIR) / "venv" / "bin" / "python"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_checkpoint(out_dir: Path, kind: str = "sd1") -> Path:
+    """Write a tiny random-weight checkpoint with the webui's python; returns its path."""
+    subprocess.run([webui_python(), str(ROOT / "tests" / "e2e" / "tiny_checkpoint.py"), str(out_dir), kind],
+                   check=True, stdout=subprocess.PIPE)
+    return out_dir / f"tiny-{kind}.safetensors"
+
+
+@contextlib.contextmanager
+def linked_extension() -> Iterator[None]:
+    """This checkout in WEBUI_DIR/extensions for the duration (unless it is already there).
+
+    Runs that share WEBUI_DIR hold a shared lock on a file beside the link; the last one to
+    end (the only one that can take the lock exclusively) removes the link.
+    """
+    extensions = Path(WEBUI_DIR) / "extensions"
+    link = extensions / "sd-webui-hidiffusion-e2e"
+    with open(extensions / ".sd-webui-hidiffusion-e2e.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        if not any(p.resolve() == ROOT.resolve() for p in extensions.iterdir() if p.is_dir()):
+            link.symlink_to(ROOT, target_is_directory=True)
+        try:
+            yield
+        finally:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # another run still uses it
+            else:
+                if link.is_symlink() and link.resolve() == ROOT.resolve():
+                    link.unlink()
+
+
+@contextlib.contextmanager
+def running_webui(workdir: Path, ckpt: Path, ui: bool = False, extra_args: tuple[str, ...] = (),
+                  env: dict[str, str] | None = None) -> Iterator[Webui]:
+    """Start the webui on a free loopback port (API only unless ``ui``) with ``ckpt`` loaded.
+
+    Its settings and ui-config files live in ``workdir``, so each run starts from the
+    webui's defaults and leaves WEBUI_DIR's own files alone. Stops it at the end.
+    """
+    port = free_port()
+    log_path = workdir / "webui.log"
+    flags = [*CPU_FLAGS, "--api", "--server-name", "127.0.0.1", "--port", str(port), "--ckpt", str(ckpt),
+             "--ckpt-dir", str(ckpt.parent), "--ui-settings-file", str(workdir / "config.json"),
+             "--ui-config-file", str(workdir / "ui-config.json"), *extra_args]
+    if not ui:
+        flags.append("--nowebui")
+    process_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                   "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    with linked_extension(), open(log_path, "w") as log:
+        process = subprocess.Popen([webui_python(), "launch.py", *flags], cwd=WEBUI_DIR, env=process_env,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        client = Webui(f"http://127.0.0.1:{port}", log_path)
+        try:
+            deadline = time.time() + START_TIMEOUT
+            while True:
+                if process.poll() is not None:
+                    pytest.fail(f"webui exited with {process.returncode}; see {log_path}")
+                try:
+                    if client.call("/sdapi/v1/script-info", timeout=5)[0] == 200:
+                        break
+                except OSError:
+                    pass
+                if time.time() > deadline:
+                    pytest.fail(f"webui did not answer in {START_TIMEOUT} s; see {log_path}")
+                time.sleep(2)
+            yield client
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
