@@ -77,7 +77,7 @@ def test_a_bad_default_is_reported_once_not_for_every_job(tmp_path):
 
 def test_hidiffusion_settings_by_name_report_their_key(tmp_path):
     (problem,) = _problems(tmp_path, "jobs:\n  - prompt: a\n    hidiffusion: {t1: 2, raunet: true}\n")
-    assert problem.startswith("jobs[0].hidiffusion.t1 (line 3): HiDiffusion argument ")  # then script_args' words
+    assert problem.startswith("jobs[0].hidiffusion.t1 (line 3): HiDiffusion 'T1 ratio' ")  # then script_args' words
     assert "'t1'" in problem and problem.endswith("got 2")
     assert _problems(tmp_path, "jobs:\n  - prompt: a\n    hidiffusion: {speed: 2}\n")[0].startswith(
         "jobs[0].hidiffusion.speed (line 3): unknown field 'speed'")

@@ -33,9 +33,16 @@ def _imports(path: Path) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, *([base] if base else [])])
-            found.add(base)
-            found |= {f"{base}.{alias.name}" for alias in node.names}
+            names = {f"{base}.{alias.name}" for alias in node.names}
+            found |= names
+            if not all(map(_is_module, names)):  # "from . import sibling" needs the sibling, not the package
+                found.add(base)
     return found
+
+
+def _is_module(name: str) -> bool:
+    path = ROOT.joinpath(*name.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
 
 
 def graph() -> dict[str, set[str]]:
