@@ -7,14 +7,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .plan import IDLE, VANILLA, step_ranges
-from .results import ENGINE, REFERENCE, BenchResult, SizeResult, Timing
+from .plan import BOTH, HIDIFFUSION, HIRES, HYPERTILE, IDLE, NAMES, ROUTE_LABELS, VANILLA, step_ranges
+from .progress import duration
+from .results import ENGINE, REFERENCE, BenchResult, ConfigResult, SizeResult, Timing
 
-NAMES = {"sd15": "SD 1.5", "sd21": "SD 2.1", "sdxl": "SDXL"}
 BUSY_LOAD = 0.5  # a load average above this means other work shared the cores
 CSV_FIELDS = (
     "arch", "width", "height", "batch", "config", "label", "steps", "implementation", "seconds_best",
-    "seconds_all", "speedup", "gflops", "flop_ratio", "peak_mib", "max_diff",
+    "seconds_all", "speedup", "gflops", "flop_ratio", "peak_mib", "max_diff", "route", "forward_px", "timed_step",
 )
 
 
@@ -47,6 +47,10 @@ def header(result: BenchResult) -> list[str]:
     start, end = meta["load_average_start"][0], meta.get("load_average_end", [0.0])[0]
     lines.append(f"load average (1 min): {start:.2f} at start, {end:.2f} at end (this run keeps {meta['threads']}"
                  f" busy){'  BUSY: other work shared the machine, timings are unreliable' if busy(meta) else ''}")
+    if "elapsed_seconds" in meta:
+        lines.append(f"the run took {duration(meta['elapsed_seconds'])}, {duration(meta['planned_seconds'])} of it"
+                     f" in the timed forwards (expected {duration(meta['expected_seconds'])} from their FLOPs and the"
+                     " speed of a small forward)")
     return lines
 
 
@@ -73,9 +77,8 @@ def size_table(size: SizeResult, compare: bool) -> list[str]:
         columns += ["| authors' pkg", "speed-up", "peak memory", "max diff"]
     rows = [columns]
     for c in size.configs:
-        steps = "all" if c.key == VANILLA else ("-" if c.key == IDLE else step_ranges(c.steps))
-        row = [c.label, steps, _seconds(c.engine.best), _ratio(size.speedup(c.key)), _flops(c.engine.flops),
-               _ratio(size.flop_ratio(c.key)), _mib(c.engine.peak_bytes)]
+        row = [c.label, _steps_cell(c, size.steps), _seconds(c.engine.best), _ratio(size.speedup(c.key)),
+               _flops(c.engine.flops), _ratio(size.flop_ratio(c.key)), _mib(c.engine.peak_bytes)]
         if compare:
             ref = c.reference
             row += (["|", "", "", ""] if ref is None else [
@@ -87,10 +90,45 @@ def size_table(size: SizeResult, compare: bool) -> list[str]:
         lines.append("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths,
                                                                                                         strict=True))))
     lines.append(_generation_line(size, compare))
+    lines += _route_lines(size)
     spread = _spread(size)
     if spread:
         lines.append(spread)
     lines += [f"  [{'ok' if ok else 'MISSED'}] {name}" for name, ok in checks(size)]
+    return lines
+
+
+def _steps_cell(c: ConfigResult, steps: int) -> str:
+    if c.route == IDLE:
+        return "-"
+    if c.route == HIRES:
+        return "first pass"
+    cell = "all" if len(c.steps) == steps else step_ranges(c.steps)
+    return f"{cell} (as {c.step})" if c.route in (HYPERTILE, BOTH) else cell
+
+
+def _route_lines(size: SizeResult) -> list[str]:
+    """The whole generation of each route besides HiDiffusion's, and how Hypertile ran."""
+    lines = []
+    vanilla = size.route_total(VANILLA)
+    for route in size.routes():
+        if route == HIDIFFUSION:
+            continue
+        seconds, flops = size.route_total(route), size.route_total(route, what="flops")
+        name = size.hires.describe((size.width, size.height)) if route == HIRES else ROUTE_LABELS[route]
+        lines.append(f"  {name}: {_seconds(seconds)}, {vanilla / seconds:.2f}x vanilla's speed"
+                     f" (FLOP ratio {size.route_total(VANILLA, what='flops') / flops:.2f}x)")
+    if size.hires is not None:
+        h = size.hires
+        lines.append(f"  hires fix: x{h.scale:g} from {h.first[0]}x{h.first[1]}; its second pass runs {h.second_steps}"
+                     f" steps (steps {h.start}-{h.schedule - 1} of a {h.schedule}-step schedule at denoising"
+                     f" {h.denoising}); upscaler and VAE not counted")
+    run = size.hypertile
+    if run is not None:
+        lines += [f"  Hypertile: {run.path}, the webui's defaults (max depth {run.max_depth}, max tile"
+                  f" {run.tile_size_max}, swap size {run.swap_size}), seeded {run.seed};",
+                  "    it draws its tiles afresh on every forward: a Hypertile row times the step (as N) nearest its"
+                  " state's mean FLOPs;", "    the pass's other steps are counted and interpolated (see results.py)"]
     return lines
 
 
@@ -119,10 +157,16 @@ def _generation_line(size: SizeResult, compare: bool) -> str:
 
 
 def text(result: BenchResult) -> str:
+    from .summary import summary
+
     compare = result.meta["options"]["compare_reference"]
     lines = header(result)
     for size in result.sizes:
         lines += size_table(size, compare)
+    if not result.meta["options"].get("hypertile_dir"):
+        why = result.meta.get("hypertile_skipped") or "no webui: pass --hypertile WEBUI_DIR to add its rows"
+        lines += ["", f"Hypertile: not run ({why})"]
+    lines += summary(result)
     lines.append("")
     lines.append(f"command: {result.meta['command']}")
     return "\n".join(lines)
@@ -136,6 +180,8 @@ def to_json(result: BenchResult) -> dict:
             row["speedup"] = {side: size.speedup(c.key, side) for side in (ENGINE, REFERENCE)}
             row["flop_ratio"] = {side: size.flop_ratio(c.key, side) for side in (ENGINE, REFERENCE)}
         out["generation"] = {side: size.generation(side) for side in (ENGINE, REFERENCE)}
+        out["routes"] = {route: {"seconds": size.route_total(route), "flops": size.route_total(route, what="flops")}
+                         for route in (VANILLA, *size.routes())}
         out["generation_flops"] = {side: size.generation(side, "flops") for side in (ENGINE, REFERENCE)}
         out["checks"] = [{"check": name, "holds": ok} for name, ok in checks(size)]
     return data
@@ -155,14 +201,17 @@ def csv_rows(result: BenchResult) -> list[dict]:
                 timing: Timing | None = c.timing(side)
                 if timing is None:
                     continue
+                speedup, flop_ratio = size.speedup(c.key, side), size.flop_ratio(c.key, side)
                 rows.append({
                     "arch": size.arch, "width": size.width, "height": size.height, "batch": size.batch,
                     "config": c.key, "label": c.label, "steps": step_ranges(c.steps), "implementation": side,
                     "seconds_best": f"{timing.best:.4f}", "seconds_all": " ".join(f"{s:.4f}" for s in timing.seconds),
-                    "speedup": f"{size.speedup(c.key, side):.4f}", "gflops": f"{timing.flops / 1e9:.3f}",
-                    "flop_ratio": f"{size.flop_ratio(c.key, side):.4f}",
+                    "speedup": "" if speedup is None else f"{speedup:.4f}", "gflops": f"{timing.flops / 1e9:.3f}",
+                    "flop_ratio": "" if flop_ratio is None else f"{flop_ratio:.4f}",
                     "peak_mib": "" if timing.peak_bytes is None else f"{timing.peak_bytes / 2**20:.1f}",
-                    "max_diff": "" if c.max_diff is None else f"{c.max_diff:.3e}",
+                    "max_diff": "" if c.max_diff is None else f"{c.max_diff:.3e}", "route": c.route,
+                    "forward_px": "x".join(map(str, c.pixels or (size.width, size.height))),
+                    "timed_step": c.step if c.route in (HYPERTILE, BOTH) else "",
                 })
     return rows
 
@@ -183,6 +232,8 @@ def checks(size: SizeResult) -> list[tuple[str, bool]]:
     found = []
     vanilla = size.config(VANILLA).engine
     for c in size.configs:
+        if c.route not in (IDLE, HIDIFFUSION):
+            continue  # not this project's targets
         ours, theirs, flop = size.speedup(c.key), size.speedup(c.key, REFERENCE), size.flop_ratio(c.key)
         if c.key == IDLE:
             if size.idle_cost is not None:
