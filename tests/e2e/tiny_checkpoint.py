@@ -327,6 +327,10 @@ def make_tiny_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
     state = _random(unet_shapes(), "model.diffusion_model.", gen)
     state |= _random(vae_shapes(), "first_stage_model.", gen)
     state |= _clip_text_state(text_config, "cond_stage_model.transformer.", seed)
+    # The webui rescales the prompt embedding to keep its mean ("Original" emphasis in
+    # modules/sd_hijack_clip.py); a random final LayerNorm gives a mean of ~0 and so NaN
+    # latents and black images. An offset keeps the mean away from 0.
+    state["cond_stage_model.transformer.text_model.final_layer_norm.bias"] += 0.5
     text = _YAML.format(
         z=LATENT,
         mc=UNET_CHANNELS,
