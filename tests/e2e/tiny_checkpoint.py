@@ -287,6 +287,15 @@ def _stem(base: str, seed: int) -> str:
     return base if seed == 0 else f"{base}-seed{seed}"
 
 
+def _start(out_dir: pathlib.Path, base: str, seed: int) -> tuple[pathlib.Path, str, pathlib.Path, CLIPTextConfig]:
+    """The output folder (made), the files' stem, and the CLIP folder (written) of a checkpoint."""
+    out_dir = pathlib.Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = _stem(base, seed)
+    clip_dir = out_dir / f"{stem}-clip"
+    return out_dir, stem, clip_dir, write_clip_folder(clip_dir)
+
+
 def _save(out_dir: pathlib.Path, stem: str, state: dict[str, torch.Tensor], yaml_text: str) -> pathlib.Path:
     """The checkpoint and its YAML beside it; the YAML is parsed first so a broken template
     fails here, not in the webui."""
@@ -318,11 +327,7 @@ model:
 
 def make_tiny_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
     """Write the SD 1.x checkpoint, its YAML and CLIP folder into ``out_dir``; return the checkpoint path."""
-    out_dir = pathlib.Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = _stem(STEM, seed)
-    clip_dir = out_dir / f"{stem}-clip"
-    text_config = write_clip_folder(clip_dir)
+    out_dir, stem, clip_dir, text_config = _start(out_dir, STEM, seed)
     gen = torch.Generator().manual_seed(seed)
     state = _random(unet_shapes(), "model.diffusion_model.", gen)
     state |= _random(vae_shapes(), "first_stage_model.", gen)
@@ -391,11 +396,7 @@ def _sdxl_config(clip_dir: pathlib.Path, ctx: int, adm: int) -> dict:
 
 def make_tiny_sdxl_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
     """Write the SDXL base checkpoint, its YAML and CLIP folder into ``out_dir``; return the checkpoint path."""
-    out_dir = pathlib.Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = _stem(SDXL_STEM, seed)
-    clip_dir = out_dir / f"{stem}-clip"
-    text_config = write_clip_folder(clip_dir)
+    out_dir, stem, clip_dir, text_config = _start(out_dir, SDXL_STEM, seed)
     open_clip_shapes = open_clip_text_shapes()
     pooled = open_clip_shapes["text_projection"][1]
     ctx = TEXT_WIDTH + open_clip_shapes["ln_final.weight"][0]
