@@ -9,11 +9,14 @@ tensors). MPS: not measured.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +37,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system (glibc keeps it for reuse): between sizes, so a
+    large size does not stack its working set on a smaller one's leftovers."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if sys.platform.startswith("linux") and name:
+        with suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)
 
 
 def measure(fn: Callable[[], object], device: torch.device, memory: bool = True) -> tuple[Sample, object]:

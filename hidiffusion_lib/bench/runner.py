@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import os
+import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -31,7 +32,7 @@ from . import hires as hires_fix
 from . import hypertile as ht
 from .attention import ldm_attention, set_diffusers_attention
 from .flops import count_flops
-from .measure import Sample, measure, synchronize
+from .measure import Sample, measure, release_memory, synchronize
 from .models import ARCHITECTURES, build_unet, example_inputs
 from .plan import BOTH, HYPERTILE, Config, configs, idle_config
 from .precision import ldm_precision
@@ -146,6 +147,8 @@ def run(options: Options, progress: Progress | None = None) -> BenchResult:
                 _time_size(size, plan, options, sides, report)
                 size.idle_cost = idle_cost
                 result.sizes.append(size)
+                # the process's peak resident memory so far (weights included), in MiB
+                result.meta["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 report.measured(result)
             result.meta["planned_seconds"] = result.meta.get("planned_seconds", 0.0) + time.perf_counter() - planned_at
         del sides
@@ -384,6 +387,7 @@ def _time_size(size: SizeResult, plan: list[Config], options: Options, sides: _S
     width, height = size.width, size.height
     inputs = example_inputs(sides.unet, options.batch, height // 8, width // 8, seed=options.seed + 1)
     label = f"{size.arch} {width}x{height}"
+    release_memory()
     # The first forward at a new peak size runs ~20% slower on a CPU (the heap grows): untimed.
     config, row = _warm_up_config(plan, size)
     progress.doing(f"{label}: warming up ({config.key})")
