@@ -17,7 +17,7 @@ from .mswmsa import record_token_hw, windowed_forward
 from .raunet import input_block_hook, rad_forward, unpool_hook, upsample_forward
 from .schedule import Schedule, gated, resolve
 from .settings import Settings
-from .state import SWITCHES, Forward, State
+from .state import SWITCHES, Forward, Resampling, State
 from .wrapping import marked, unpatch
 
 
@@ -102,6 +102,7 @@ def apply(unet: nn.Module, settings: Settings | None = None) -> HiDiffusionHandl
 
 def _install(unet: nn.Module, state: State) -> None:
     settings, block_map = state.settings, state.detected.block_map
+    state.resampling = _resampling(unet, block_map)
     if not (settings.raunet or settings.mswmsa):
         return
 
@@ -126,17 +127,14 @@ def _install(unet: nn.Module, state: State) -> None:
                 pools[switch.down] = name
                 unet.output_blocks[switch.up].register_forward_hook(unpool_hook(state, name))
 
-    # Every Upsample resizes to its skip (see raunet.py); that needs the skip sizes.
+    # Every Upsample resizes to its skip (see raunet.py); that needs the skip sizes, which every
+    # input block records (the trace shows them next to the control residuals' sizes).
     num_inputs = len(unet.input_blocks)
-    skips: set[int] = set(pools)
     for index, block in enumerate(unet.output_blocks):
         upsample = find_child(block, "Upsample")
-        if upsample is None:
-            continue
-        skip = num_inputs - 2 - index
-        skips.add(skip)
-        upsample.forward = upsample_forward(upsample, state, skip, rau_switch_of.get(index))
-    for index in sorted(skips):
+        if upsample is not None:
+            upsample.forward = upsample_forward(upsample, state, num_inputs - 2 - index, rau_switch_of.get(index))
+    for index in range(num_inputs):
         unet.input_blocks[index].register_forward_hook(input_block_hook(state, index, pools.get(index)))
 
     if settings.mswmsa:
@@ -150,3 +148,24 @@ def _install(unet: nn.Module, state: State) -> None:
                 spatial.register_forward_pre_hook(record_token_hw(state, cells[id(spatial)]), with_kwargs=True)
             attn = transformer_block(unet, where).attn1
             attn.forward = windowed_forward(attn, state, position, cells[id(spatial)])
+
+
+def _resampling(unet: nn.Module, block_map) -> Resampling:
+    """Where the input blocks change the latent size, for State.skips_at."""
+    convs = {}
+    for index, block in enumerate(unet.input_blocks):
+        down = find_child(block, "Downsample")
+        if down is not None:
+            op = down.op
+            axes = [_pair(getattr(op, name, 1)) for name in ("kernel_size", "stride", "padding", "dilation")]
+            convs[index] = tuple(zip(*axes, strict=True))
+    rad, pool = {}, {}  # where each switch acts; State.switches_at says whether it does
+    for name in SWITCHES:
+        switch = getattr(block_map, name)
+        if switch is not None:
+            (rad if switch.kind == "rad" else pool)[switch.down] = name
+    return Resampling(len(unet.input_blocks), convs, rad, pool)
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value), int(value))

@@ -1,8 +1,9 @@
 """RAU-Net: resolution-aware downsampling early in sampling, undone on the way up.
 
-RAD: a Downsample's 3x3 conv runs with its own weights at stride 4, padding 2,
-dilation 2 (x4 instead of x2). The conv module itself runs, with those attributes set
-for the call, so class-level patches of ``Conv2d.forward`` (Lora) still apply.
+RAD: a Downsample's 3x3 conv with its own weights at stride 4, padding 2, dilation 2 (x4
+instead of x2). That conv equals the unchanged stride-2 conv run on every second row and
+column of its input (see :func:`rad_forward`), so the Downsample itself runs, untouched, and
+whatever patches its conv (the webui's Lora, in both of its modes) applies on RAD steps too.
 Pool: avg-pool (ceil mode) after a cross-attention input block, bicubic back after the
 matching output block.
 Every Upsample interpolates to the size of the skip it meets next, as the authors'
@@ -24,19 +25,21 @@ from .wrapping import call_original, marked
 
 
 def rad_forward(downsample: nn.Module, state: State, switch: str) -> Callable:
-    """Instance forward for a Downsample: stride 4 / dilation 2 while ``switch`` is active."""
+    """Instance forward for a Downsample: x4 instead of x2 while ``switch`` is active.
+
+    Output pixel i of the stride-4, padding-2, dilation-2 conv reads input rows
+    4i - 2 + 2a (a = 0, 1, 2); those are rows 2i - 1 + a of ``x[..., ::2, ::2]``, which is
+    exactly what the stride-2, padding-1 conv reads there (padding included, any size). So the
+    Downsample runs as it is, on the subsampled input: a Lora that adds its own conv of the
+    same stride and padding (webui's lora_functional mode) or merges its weights (default mode)
+    lands on the RAD conv as on the vanilla one.
+    """
     previous = downsample.__dict__.get("forward")
-    op = downsample.op
 
     def forward(x, *args, **kwargs):
-        if not (state.alive and state.active[switch]):
-            return call_original(downsample, previous, x, *args, **kwargs)
-        saved = op.stride, op.padding, op.dilation
-        op.stride, op.padding, op.dilation = (4, 4), (2, 2), (2, 2)
-        try:
-            return op(x)
-        finally:
-            op.stride, op.padding, op.dilation = saved
+        if state.alive and state.active[switch]:
+            x = x[..., ::2, ::2]
+        return call_original(downsample, previous, x, *args, **kwargs)
 
     return marked(forward, state, previous)
 
@@ -94,6 +97,8 @@ def input_block_hook(state: State, index: int, pool_switch: str | None) -> Calla
             state.pooled_from[pool_switch] = tuple(output.shape[-2:])
             output = F.avg_pool2d(output, kernel_size=2, ceil_mode=True)
         state.skip_sizes[index] = tuple(output.shape[-2:])
+        if state.trace:
+            state.trace[-1].skips.append(state.skip_sizes[index])
         return output
 
     return marked(hook, state)

@@ -14,6 +14,11 @@ PRESETS: dict[str, tuple[float, float]] = {
     "sdxl_4096": (0.7, 0.3),
     "sdxl_turbo_1024": (0.5, 0.0),
 }
+# With a ControlNet guiding a text-to-image pass the authors switch later where they have a value
+# (text_to_img_controlnet_switching_threshold_ratio_dict); other presets keep their ratios.
+CONTROLNET_PRESETS: dict[str, tuple[float, float]] = {"sdxl_2048": (0.5, 0.0)}
+# The authors' pipeline runs the ControlNet while step < 0.6 * steps (controlnet_apply_steps_rate).
+CONTROL_SHARE = 0.6
 # The aggressive split hands over from the extra RAD to the pool at int(8 / 50 * steps).
 AGGRESSIVE_STEP = 8
 
@@ -38,9 +43,12 @@ def preset_for(arch: str, latent_h: int, latent_w: int) -> str:
 
 
 def resolve(settings: Settings, arch: str, latent_h: int, latent_w: int, inpaint: bool = False) -> Schedule:
-    """Ratios for this size: the preset's, overridden by ``settings.t1``/``t2``/``aggressive``."""
+    """Ratios for this size: the preset's (its ControlNet ratios with ``settings.controlnet``),
+    overridden by ``settings.t1``/``t2``/``aggressive``."""
     preset = preset_for(arch, latent_h, latent_w)
     t1, t2 = PRESETS[preset]
+    if settings.controlnet:
+        t1, t2 = CONTROLNET_PRESETS.get(preset, (t1, t2))
     aggressive = settings.aggressive
     if aggressive is None:
         aggressive = preset == "sdxl_2048" and not inpaint

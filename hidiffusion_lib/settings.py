@@ -32,6 +32,8 @@ class Settings:
         included for SDXL, they only cost quality). Off by default so the
         engine behaves like the authors' code; the webui extension turns it on.
     native_size: latent side of the gate's square; None = 64 for SD 1.x/2.x, 128 for SDXL.
+    controlnet: a ControlNet guides this text-to-image pass: the preset ratios become the
+        authors' ControlNet ones where they have them (SDXL 2048 px: T1 0.5 instead of 0.4).
     """
 
     raunet: bool = True
@@ -46,10 +48,11 @@ class Settings:
     arch: str | None = None
     native_gate: bool = False
     native_size: int | None = None
+    controlnet: bool = False
 
     def validate(self) -> None:
         """Raise TypeError/ValueError naming the first bad field and what it accepts."""
-        for name in ("raunet", "mswmsa", "native_gate"):
+        for name in ("raunet", "mswmsa", "native_gate", "controlnet"):
             _check_bool(name, getattr(self, name))
         if self.aggressive is not None:
             _check_bool("aggressive", self.aggressive)

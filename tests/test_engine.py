@@ -230,23 +230,43 @@ def test_trace_records_what_each_forward_did():
     assert {(f.height, f.width, f.windows) for f in handle.trace} == {(24, 40, (3,) * windowed)}
 
 
-def test_rad_runs_the_conv_module_and_restores_its_stride(monkeypatch):
-    """Class-level Conv2d patches (the webui's Lora) must see the RAD call."""
+@pytest.mark.parametrize("size", [(32, 32), (13, 21), (6, 7)])
+def test_rad_is_the_dilated_stride_4_conv_run_by_the_unchanged_module(monkeypatch, size):
+    """RAD equals the paper's conv (stride 4, padding 2, dilation 2) at any size, and the conv
+    module runs with its own stride, so a class-level Conv2d patch that adds its own conv of the
+    same stride and padding, as the webui's Lora does in lora_functional mode
+    (extensions-builtin/Lora/network_lora.py builds it from the module's stride and padding at
+    load), lands on RAD steps too."""
+    import torch.nn.functional as F
+
     unet = make_unet("sd1")
-    op = unet.input_blocks[3][0].op
-    seen = []
+    down = unet.input_blocks[3][0]
+    op = down.op
+    generator = torch.Generator().manual_seed(3)
+    delta = torch.nn.Conv2d(op.in_channels, op.out_channels, op.kernel_size, op.stride, op.padding, bias=False)
+    delta.weight.data = torch.randn(delta.weight.shape, generator=generator) * 0.1
     original = torch.nn.Conv2d.forward
+    seen = []
 
-    def spy(self, x):
+    def functional_lora(self, x):
+        y = original(self, x)
         if self is op:
-            seen.append(self.stride)
-        return original(self, x)
+            seen.append((self.stride, self.padding, self.dilation))
+            y = y + original(delta, x)
+        return y
 
-    monkeypatch.setattr(torch.nn.Conv2d, "forward", spy)
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", functional_lora)
+    inputs, outputs = [], []
+    down.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    down.register_forward_hook(lambda module, args, output: outputs.append(output))
     with hd.apply(unet, hd.Settings(t1=1.0, mswmsa=False)) as handle:
         handle.set_step(0, 10)
-        run(unet, make_inputs("sd1", 1, 32, 32))
-    assert seen == [(4, 4)] and op.stride == (2, 2) and op.dilation == (1, 1) and op.padding == (1, 1)
+        run(unet, make_inputs("sd1", 1, *size))
+    x = inputs[0]
+    expected = F.conv2d(x, op.weight + delta.weight, op.bias, stride=4, padding=2, dilation=2)
+    assert outputs[0].shape == expected.shape == (*x.shape[:2], -(-size[0] // 4), -(-size[1] // 4))
+    torch.testing.assert_close(outputs[0], expected, rtol=1e-5, atol=1e-5)
+    assert seen == [((2, 2), (1, 1), (1, 1))]
 
 
 @pytest.mark.parametrize("size", [(5, 7), (13, 21), (1, 1), (16, 16)])
