@@ -12,12 +12,14 @@ from dataclasses import dataclass, replace
 import hidiffusion.hidiffusion as hd
 import pytest
 import torch
+from controlnet_host import forward_with_residuals
 from reference import LAYOUT, VANILLA_TOLERANCE, make_pair, run_ldm
 from unets import make_inputs
 
 import hidiffusion_lib
 from hidiffusion_lib import Settings
 from hidiffusion_lib.bench.reference import ReferenceRun, max_diff, run_diffusers
+from hidiffusion_lib.controlnet import fit_residuals
 
 STEPS = 10
 TOLERANCE = 1e-4  # max abs difference relative to the output's max magnitude
@@ -179,3 +181,73 @@ def test_comparison_can_fail(pairs, case: Case, wrong: dict, step_offset: int, b
     diffs = compare(pairs, case, replace(case.settings(), **wrong), step_offset)
     print(f"{case.id} wrong {wrong or 'step'}: " + " ".join(f"{d:.0e}" for d in diffs))
     assert all(diffs[s] > 100 * TOLERANCE for s in bad_steps), [f"{d:.1e}" for d in diffs]
+
+
+def _encoder_shapes(unet, size: tuple[int, int]) -> list[torch.Size]:
+    """The shape of every input block's output and the middle block's, unpatched: a ControlNet's
+    residuals at that latent size."""
+    shapes = []
+    blocks = [*unet.input_blocks, unet.middle_block]
+    hooks = [block.register_forward_hook(lambda module, args, out: shapes.append(out.shape)) for block in blocks]
+    try:
+        run_ldm(unet, *make_inputs("sdxl", 2, *size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def compare_controlnet(pairs, size: tuple[int, int], controlnet: bool = True, fit: bool = True) -> list[float]:
+    """Per step, the engine on the ldm U-Net in sd-webui-controlnet's loop (tests/controlnet_host.py)
+    against the reference's ControlNet U-Net, both given the same random residuals at half the
+    latent size (as a control model run at a smaller size gives them). controlnet: the engine
+    resolves the ControlNet ratios; fit: the residuals are fitted to the skips (else the loop's
+    nearest resize)."""
+    ldm_unet, twin = pairs("sdxl")
+    x, _, context = make_inputs("sdxl", 2, *size)
+    # about half the size, as a control model run smaller gives them (sides that the vanilla U-Net takes)
+    shapes = _encoder_shapes(ldm_unet, (size[0] // 2 // 4 * 4, size[1] // 2 // 4 * 4))
+    generator = torch.Generator().manual_seed(11)
+    handle = hidiffusion_lib.apply(ldm_unet, Settings(arch="sdxl", controlnet=controlnet, shift="fixed", shift_index=1))
+    diffs = []
+    try:
+        with ReferenceRun(twin, "sdxl", STEPS, aggressive=True, controlnet=True) as reference:
+            for step in range(STEPS):
+                t = torch.full((2,), 999.0 * (1 - step / STEPS))
+                residuals = [torch.randn(shape, generator=generator) for shape in shapes]
+                handle.set_step(step, STEPS)
+                skips = handle.state.skips_at(*size)
+                fitted = fit_residuals(residuals, [*skips, skips[-1]]) if fit else residuals
+                ours = forward_with_residuals(ldm_unet, x, t, context, fitted)
+                theirs = reference(x, t, context, [1] * reference.windowed,
+                                   down_block_additional_residuals=tuple(residuals[:-1]),
+                                   mid_block_additional_residual=residuals[-1])
+                diffs.append(max_diff(ours, theirs))
+    finally:
+        handle.remove()
+    return diffs
+
+
+@pytest.mark.parametrize("size", [(32, 48), (27, 45)])
+def test_controlnet_matches_reference(pairs, size) -> None:
+    """SDXL + ControlNet, the case the authors define: residuals resized bicubic onto the skips
+    at every step (RAU-Net's shrunk ones too) and their text-to-image ControlNet T1 (0.5)."""
+    diffs = compare_controlnet(pairs, size)
+    print(f"controlnet {size}: max {max(diffs):.1e}")
+    assert max(diffs) <= TOLERANCE, [f"{d:.1e}" for d in diffs]
+
+
+@pytest.mark.parametrize(("wrong", "bad_steps"), [
+    ({"controlnet": False}, (4,)),  # T1 0.4: the pool ends a step early
+    ({"fit": False}, range(5)),  # the host's nearest resize on RAU-Net steps
+])
+def test_controlnet_comparison_can_fail(pairs, wrong: dict, bad_steps) -> None:
+    diffs = compare_controlnet(pairs, (32, 48), **wrong)
+    print(f"controlnet wrong {wrong}: " + " ".join(f"{d:.0e}" for d in diffs))
+    assert all(diffs[s] > 100 * TOLERANCE for s in bad_steps), [f"{d:.1e}" for d in diffs]
+
+
+def test_controlnet_constants_are_the_references() -> None:
+    assert hd.controlnet_apply_steps_rate == hidiffusion_lib.CONTROL_SHARE
+    for name, (t1, t2) in hidiffusion_lib.CONTROLNET_PRESETS.items():
+        assert hd.text_to_img_controlnet_switching_threshold_ratio_dict[name] == {"T1_ratio": t1, "T2_ratio": t2}

@@ -99,13 +99,14 @@ def make_twin(ldm_unet: nn.Module) -> nn.Module:
     return twin.eval().requires_grad_(False)
 
 
-def run_diffusers(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context) -> torch.Tensor:
-    """One call of a diffusers U-Net; ``context`` as for ldm (a list holds the same tensor per depth)."""
+def run_diffusers(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context, **unet_kwargs) -> torch.Tensor:
+    """One call of a diffusers U-Net; ``context`` as for ldm (a list holds the same tensor per
+    depth); ``unet_kwargs`` go to its forward (e.g. ControlNet residuals)."""
     if isinstance(context, list):
         context = context[0]
     with torch.no_grad():
         # The sample goes positionally: the reference's size hook reads args[0].
-        return unet(x, t, encoder_hidden_states=context).sample
+        return unet(x, t, encoder_hidden_states=context, **unet_kwargs).sample
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -155,10 +156,14 @@ class ReferenceRun:
     map), one of REFERENCE_NAMES. Its per-module call counters are the step, so call it exactly
     once per step, in order. raunet, mswmsa: the reference's two switches. t1, t2: the ratios it
     uses, whatever the size; aggressive: its SDXL split schedule (read for "sdxl" only).
+    controlnet: the U-Net as the reference's SDXL ControlNet pipeline makes it (its forward
+    resizes ControlNet residuals bicubic to the skips; text-to-image ControlNet ratios, which
+    replace t1 and t2, as the pipeline does without an init image).
     """
 
     def __init__(self, unet: nn.Module, arch: str, steps: int, *, raunet: bool = True,
-                 mswmsa: bool = True, t1: float = 0.4, t2: float = 0.0, aggressive: bool = False) -> None:
+                 mswmsa: bool = True, t1: float = 0.4, t2: float = 0.0, aggressive: bool = False,
+                 controlnet: bool = False) -> None:
         self.hd = reference_module()
         self.unet, self.arch, self.steps = unet, arch, steps
         self.ratios = {"T1_ratio": t1, "T2_ratio": t2}
@@ -169,9 +174,15 @@ class ReferenceRun:
         unet.name_or_path = REFERENCE_NAMES[arch]
         unet._num_timesteps = steps  # read as info["pipeline"]._num_timesteps; the pipeline is the U-Net
         self.hd.apply_hidiffusion(unet, apply_raunet=raunet, apply_window_attn=mswmsa)
+        if controlnet:
+            # what apply_hidiffusion does to a ControlNet pipeline's U-Net; undone by remove_hidiffusion
+            unet.__class__ = self.hd.make_diffusers_unet_2d_condition(unet.__class__)
+            unet.info["text_to_img_controlnet"] = True
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context, shifts: Sequence[int] = ()) -> torch.Tensor:
-        """The next step. shifts: the window shift (0..3) of each windowed block, in call order."""
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context, shifts: Sequence[int] = (),
+                 **unet_kwargs) -> torch.Tensor:
+        """The next step. shifts: the window shift (0..3) of each windowed block, in call order;
+        unet_kwargs: more arguments of the U-Net's forward (ControlNet residuals)."""
         if self.step >= self.steps:
             raise RuntimeError("the reference's counters would wrap around into a new pass")
         if len(shifts) != self.windowed:
@@ -183,7 +194,7 @@ class ReferenceRun:
             stack.enter_context(mock.patch.dict(hd.switching_threshold_ratio_dict, {preset: self.ratios}))
             stack.enter_context(mock.patch.object(hd, "is_aggressive_raunet", self.aggressive))
             stack.enter_context(mock.patch.object(hd, "torch", _QueuedRand(draws)))
-            out = run_diffusers(self.unet, x, t, context)
+            out = run_diffusers(self.unet, x, t, context, **unet_kwargs)
         if next(draws, None) is not None:
             raise RuntimeError("the reference windowed fewer blocks than expected")
         self.step += 1

@@ -1,0 +1,122 @@
+"""ControlNet beside HiDiffusion: the control model of a host (sd-webui-controlnet) whose
+residuals the host adds to the U-Net's skips and middle block.
+
+Always, while a patch is live: every residual is resized bicubic to the size of the skip it
+is added to at this step, so on RAU-Net steps it lands on the shrunk levels as the authors'
+package lands it (their hacked U-Net forward), not by the host's nearest resize.
+
+With the authors' recipe (hidiffusion 0.1.10, written there for SDXL; here for SD 1.x/2.x too):
+the control model runs at the model's native size (latent nearest-resized so its longer side
+is the native latent side, rounded down to a multiple of 8; the control image to 8x that), and
+only while ``step < CONTROL_SHARE * steps``; later calls return zero residuals without running
+it. The ControlNet ratios (``Settings.controlnet``) are the third part, in :mod:`.schedule`.
+
+    install_control(control_model, handle, recipe=True)  # before sampling
+    remove_control(control_model)                         # after it
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .patching import HiDiffusionHandle
+from .schedule import CONTROL_SHARE
+from .wrapping import call_original, marked, unpatch
+
+
+def control_latent_size(latent_h: int, latent_w: int, native: int) -> tuple[int, int]:
+    """The latent size the recipe runs the control model at: the authors' ``downsample_size``
+    (never larger than the latent: a latent whose sides fit the native size is left as it is)."""
+    factor = max(latent_h / native, latent_w / native)
+    if factor <= 1:
+        return latent_h, latent_w
+    return int(latent_h // factor) // 8 * 8, int(latent_w // factor) // 8 * 8
+
+
+def control_runs(step: int, steps: int | None, share: float | None) -> bool:
+    """Whether the control model runs at ``step`` of a ``steps``-step pass: while
+    ``step < share * steps``, as the authors' pipeline; always with share None."""
+    return share is None or steps is None or step < share * steps
+
+
+def fit_residuals(residuals: Sequence, sizes: Sequence[tuple[int, int]]) -> list:
+    """Each residual resized bicubic to its size; a list of another length (not a ControlNet's
+    skips + middle) comes back unchanged for the host to handle."""
+    if len(residuals) != len(sizes):
+        return list(residuals)
+    return [
+        F.interpolate(r, size=size, mode="bicubic")
+        if isinstance(r, torch.Tensor) and r.ndim == 4 and tuple(r.shape[-2:]) != tuple(size) else r
+        for r, size in zip(residuals, sizes, strict=True)
+    ]
+
+
+def install_control(control_model: nn.Module, handle: HiDiffusionHandle, recipe: bool = True,
+                    share: float | None = CONTROL_SHARE) -> None:
+    """Wrap ``control_model`` (called as ``control_model(x=latent, hint=image, ...)``, returning
+    one residual per input block plus the middle one) for the live patch ``handle``.
+
+    recipe: run it at the native size and only for the first ``share`` of the steps (share
+    None: every step the host runs it). Without recipe its residuals are only fitted.
+    """
+    remove_control(control_model)
+    previous = control_model.__dict__.get("forward")
+    state = handle.state
+    native = state.detected.block_map.native_latent
+    last: list[tuple[torch.Size, torch.dtype, torch.device]] = []
+
+    def forward(*args, **kwargs):
+        x = args[0] if args else kwargs.get("x")
+        if not state.alive or not isinstance(x, torch.Tensor) or x.ndim != 4:
+            return call_original(control_model, previous, *args, **kwargs)
+        latent_h, latent_w = (int(n) for n in x.shape[-2:])
+        is_gated, _, _ = state.switches_at(latent_h, latent_w)
+        if is_gated:
+            return call_original(control_model, previous, *args, **kwargs)
+        sizes = state.skips_at(latent_h, latent_w)
+        sizes.append(sizes[-1])  # the middle block keeps the last input block's size
+        if recipe and last and not control_runs(state.step, state.steps, share):
+            out = [torch.zeros((x.shape[0], shape[1], *size), dtype=dtype, device=device)
+                   for (shape, dtype, device), size in zip(last, sizes, strict=False)]
+        else:
+            if recipe:
+                args, kwargs = _at_native_size(args, kwargs, latent_h, latent_w, native)
+            ran_at = args[0] if args else kwargs["x"]
+            state.pending_control = (int(ran_at.shape[-2]), int(ran_at.shape[-1]))
+            out = call_original(control_model, previous, *args, **kwargs)
+            if not isinstance(out, (list, tuple)):
+                return out
+            out = fit_residuals(out, sizes)
+            last[:] = [(r.shape, r.dtype, r.device) for r in out if isinstance(r, torch.Tensor)]
+        state.pending_residuals = [tuple(r.shape[-2:]) for r in out if isinstance(r, torch.Tensor)]
+        return out
+
+    control_model.forward = marked(forward, state, previous)
+
+
+def remove_control(control_model: nn.Module) -> int:
+    """Take this module's wrappers off ``control_model``; returns how many."""
+    return unpatch(control_model)
+
+
+def _at_native_size(args: tuple, kwargs: dict, latent_h: int, latent_w: int, native: int) -> tuple[tuple, dict]:
+    """The call's latent and control image (``hint``) nearest-resized to the recipe's size."""
+    size = control_latent_size(latent_h, latent_w, native)
+    if size == (latent_h, latent_w) or min(size) < 8:
+        return args, kwargs
+    args, kwargs = list(args), dict(kwargs)
+    _replace(args, kwargs, 0, "x", lambda x: F.interpolate(x, size=size))
+    _replace(args, kwargs, 1, "hint", lambda hint: F.interpolate(hint, size=(8 * size[0], 8 * size[1]))
+             if isinstance(hint, torch.Tensor) and hint.ndim == 4 else hint)
+    return tuple(args), kwargs
+
+
+def _replace(args: list, kwargs: dict, position: int, name: str, change: Callable) -> None:
+    if len(args) > position:
+        args[position] = change(args[position])
+    elif name in kwargs:
+        kwargs[name] = change(kwargs[name])

@@ -1,0 +1,79 @@
+"""A stand-in of how sd-webui-controlnet drives the U-Net, to keep CI fast (the real extension
+runs in tests/e2e/test_controlnet_e2e.py).
+
+``controlled_forward`` mirrors the ``forward`` that sd-webui-controlnet v1.1.455
+(scripts/hook.py, ``UnetHook.hook``) puts on the U-Net: it calls the control model first, by
+keyword (x, hint, timesteps, context), then runs the U-Net's blocks itself and adds the
+residuals with ``aligned_adding`` (nearest resize where sizes differ) to the skips on the way
+up and to the middle block's output. ``TinyControlNet`` has a ControlNet's interface and
+output: the encoder of a small random ldm U-Net fed latent + embedded control image, returning
+one residual per input block plus the middle one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from ldm.modules.diffusionmodules.util import timestep_embedding
+from torch import nn
+from unets import make_unet
+
+
+def aligned_adding(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if base.shape[-2:] != x.shape[-2:]:
+        x = F.interpolate(x, size=base.shape[-2:], mode="nearest")
+    return base + x
+
+
+def controlled_forward(unet: nn.Module, control_model: nn.Module, x: torch.Tensor, t: torch.Tensor, context,
+                       hint: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """One U-Net call with ControlNet's residuals, in sd-webui-controlnet's order."""
+    with torch.no_grad():
+        residuals = [r * weight for r in control_model(x=x, hint=hint, timesteps=t, context=context)]
+    return forward_with_residuals(unet, x, t, context, residuals)
+
+
+def forward_with_residuals(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context, residuals: list) -> torch.Tensor:
+    """The U-Net part of that loop: ``residuals`` (one per input block, then the middle one)
+    added to the skips on the way up and to the middle block's output."""
+    residuals = list(residuals)
+    with torch.no_grad():
+        emb = unet.time_embed(timestep_embedding(t, unet.model_channels, repeat_only=False))
+        hs, h = [], x
+        for module in unet.input_blocks:
+            h = module(h, emb, context)
+            hs.append(h)
+        h = unet.middle_block(h, emb, context)
+        h = aligned_adding(h, residuals.pop())
+        for module in unet.output_blocks:
+            h = torch.cat([h, aligned_adding(hs.pop(), residuals.pop())], dim=1)
+            h = module(h, emb, context)
+        return unet.out(h.type(x.dtype))
+
+
+class TinyControlNet(nn.Module):
+    """A ControlNet-shaped control model for a ``layout`` U-Net; records every call's input sizes."""
+
+    def __init__(self, layout: str, seed: int = 5) -> None:
+        super().__init__()
+        encoder = make_unet(layout, seed)
+        self.model_channels = encoder.model_channels
+        self.time_embed, self.input_blocks = encoder.time_embed, encoder.input_blocks
+        self.middle_block = encoder.middle_block
+        generator = torch.Generator().manual_seed(seed + 1)
+        self.hint_block = nn.Conv2d(3, encoder.model_channels, 8, stride=8)
+        self.hint_block.weight.data = torch.randn(self.hint_block.weight.shape, generator=generator) * 0.05
+        self.calls: list[tuple[tuple[int, int], tuple[int, int]]] = []
+
+    def forward(self, x, hint, timesteps, context, **kwargs):
+        self.calls.append((tuple(x.shape[-2:]), tuple(hint.shape[-2:])))
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels, repeat_only=False))
+        guided = self.hint_block(hint)
+        outs, h = [], x
+        for index, module in enumerate(self.input_blocks):
+            h = module(h, emb, context)
+            if index == 0:
+                h = h + guided
+            outs.append(h)
+        outs.append(self.middle_block(h, emb, context))
+        return outs
