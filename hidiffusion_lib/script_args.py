@@ -85,6 +85,10 @@ ARGS: tuple[Arg, ...] = (
     Arg("native_gate", "Skip at native resolution", "bool", True, infotext="HiDiffusion native gate",
         hint="Do nothing when the image's area is not larger than the model's training size (512x512 for SD 1.x/2.x,"
              " 1024x1024 for SDXL, whose buckets such as 832x1216 count too).", in_settings=True),
+    Arg("controlnet_recipe", "ControlNet recipe", "bool", True, infotext="HiDiffusion ControlNet recipe",
+        hint="With a ControlNet unit on: run it at the model's training size and, unless you moved the unit's"
+             " Ending Control Step, for the first 60% of the steps, as the authors do (faster, follows the"
+             " control as well). Off: it runs at full size on the unit's own steps.", in_settings=True),
 )
 ARG_NAMES = tuple(a.name for a in ARGS)
 
@@ -105,6 +109,7 @@ class ScriptArgs:
     rau_mode: str
     hires: bool
     native_gate: bool
+    controlnet_recipe: bool
 
     def settings(self, seed: int = 0) -> Settings:
         """Engine settings; ``seed`` seeds the random window shift. The webui script leaves it at
@@ -248,6 +253,7 @@ def normalize_pasted(params: dict) -> None:
 SKIPPED_KEY = "HiDiffusion skipped"
 REFINER_KEY = "HiDiffusion refiner"
 REFINER_NOTE = "off: the refiner's steps ran without HiDiffusion"
+CONTROLNET_KEY = "HiDiffusion ControlNet"
 FAMILY_SIZES = {"sd1": ("SD 1.x", 512), "sd2": ("SD 2.x", 512), "sdxl": ("SDXL", 1024), "sdxl_turbo": ("SDXL", 1024)}
 
 
@@ -256,6 +262,18 @@ def skipped_note(pass_name: str, width: int, height: int, arch: str) -> str:
     family, side = FAMILY_SIZES[arch]
     return (f"{pass_name} at {width}x{height}: not larger than {family}'s training size ({side}x{side} in area),"
             " so it ran unchanged")
+
+
+def controlnet_note(units: int, recipe: bool, control_size: tuple[int, int] | None, shares: list[bool]) -> str:
+    """What HiDiffusion did with ``units`` ControlNet units in a pass. control_size: the latent
+    size the recipe ran them at (None: full size); shares: per unit, whether the recipe's 60% of
+    the steps applied (False: the unit's own Ending Control Step did)."""
+    fitted = "residuals resized bicubic to the U-Net's levels"
+    if not recipe:
+        return f"{units} unit(s): recipe off, control at full size; {fitted}"
+    where = f"control at {8 * control_size[1]}x{8 * control_size[0]}" if control_size else "control at full size"
+    steps = ", ".join("first 60% of steps" if share else "unit's own steps" for share in shares)
+    return f"{units} unit(s): recipe, {where} ({steps}); {fitted}"
 
 
 def unsupported_message(error: Exception, model: str) -> str:
@@ -309,6 +327,7 @@ AXES: tuple[Axis, ...] = (
     Axis("[HiDiffusion] T2 ratio", "float", (), "t2"),
     Axis("[HiDiffusion] Model preset", "choice", tuple(MODEL_CHOICES), "model"),
     Axis("[HiDiffusion] Window shift", "choice", SHIFT_POLICIES, "shift"),
+    Axis("[HiDiffusion] ControlNet recipe", "choice", ("True", "False"), "controlnet_recipe"),
 )
 
 

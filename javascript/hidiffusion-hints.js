@@ -16,4 +16,5 @@
     titles["RAU interpolation"] = "How the resolution-aware upsampler interpolates while active (authors: nearest).";
     titles["Apply to hires fix pass"] = "Also run HiDiffusion in the hires fix second pass.";
     titles["Skip at native resolution"] = "Do nothing when the image's area is not larger than the model's training size (512x512 for SD 1.x/2.x, 1024x1024 for SDXL, whose buckets such as 832x1216 count too).";
+    titles["ControlNet recipe"] = "With a ControlNet unit on: run it at the model's training size and, unless you moved the unit's Ending Control Step, for the first 60% of the steps, as the authors do (faster, follows the control as well). Off: it runs at full size on the unit's own steps.";
 })();

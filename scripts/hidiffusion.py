@@ -6,7 +6,8 @@ hires fix pass); the ``on_cfg_denoiser`` callback tells the engine the step befo
 model call; ``postprocess`` removes the patch. The webui skips ``postprocess`` when a
 generation raises, so the next ``process`` and every model load clean up as well. A model
 load during sampling is the refiner switch: its steps run without HiDiffusion, and the
-infotext says so.
+infotext says so. With sd-webui-controlnet's units on, their control models are wrapped for
+the pass (hidiffusion_lib.controlnet: the authors' recipe) and unwrapped with the patch.
 
 HIDIFFUSION_TRACE=<file> (for tests): every pass appends one JSON line with what each U-Net
 forward did (``hidiffusion_lib.state.Forward``).
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+from typing import ClassVar
 
 import gradio as gr
 from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 import hidiffusion_lib as hd
+from hidiffusion_lib import controlnet as control
 from hidiffusion_lib import script_args as sa
 from hidiffusion_lib.wrapping import marked
 
@@ -34,9 +37,13 @@ class _Run:
     handle: hd.HiDiffusionHandle | None = None
     p = None
     first_timestep: float | None = None
+    controls: ClassVar[list] = []  # the control models wrapped for this pass
 
     @classmethod
     def end(cls, unet=None) -> None:
+        for control_model in cls.controls:
+            control.remove_control(control_model)
+        cls.controls = []
         if cls.handle is not None:
             cls.handle.remove()
             _write_trace(cls.p, cls.handle)
@@ -139,6 +146,10 @@ class HiDiffusionScript(scripts.Script):
         settings = parsed.settings()  # shifts by step alone: image k of a batch == its seed alone
         if settings.arch is None:
             settings.arch = _model_arch(p.sd_model)
+        units = _control_units(p)
+        # the authors' ControlNet ratios are for text-to-image: not img2img, not the hires pass
+        text_to_image = pass_name == "first pass" and not hasattr(p, "init_images")
+        settings.controlnet = bool(units) and parsed.controlnet_recipe and text_to_image
         if settings.mswmsa and _hypertile_on(p):
             settings.mswmsa = False
             p.extra_generation_params["HiDiffusion MSW-MSA"] = "off: Hypertile U-Net is on"
@@ -161,6 +172,8 @@ class HiDiffusionScript(scripts.Script):
             return
         _Run.handle, _Run.p = handle, p
         p.extra_generation_params.update(sa.infotext(parsed, handle.schedule_for(h, w)))
+        if units:
+            _install_controls(p, handle, units, parsed.controlnet_recipe, pass_name, h, w)
 
     def postprocess(self, p, processed, *args):
         _Run.end(_unet(p))
@@ -192,6 +205,34 @@ def _note_refiner(p) -> None:
     if p.extra_generation_params.get(sa.REFINER_KEY) != sa.REFINER_NOTE:
         print(f"HiDiffusion: {sa.REFINER_NOTE} (HiDiffusion applies to the base model)")
     p.extra_generation_params[sa.REFINER_KEY] = sa.REFINER_NOTE
+
+
+def _control_units(p) -> list:
+    """The ControlNet units of sd-webui-controlnet that run in this generation: its Script keeps
+    them on ``latest_network.control_params`` after its ``process`` (scripts/controlnet.py,
+    scripts/hook.py UnetHook). T2I-Adapter, reference and IP-Adapter units are left to it."""
+    for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", None) or []:
+        params = getattr(getattr(script, "latest_network", None), "control_params", None)
+        if params:
+            return [param for param in params
+                    if getattr(getattr(param, "control_model_type", None), "is_controlnet", False)
+                    and callable(getattr(param, "control_model", None))]
+    return []
+
+
+def _install_controls(p, handle: hd.HiDiffusionHandle, units: list, recipe: bool, pass_name: str,
+                      h: int, w: int) -> None:
+    # the authors' 60% share, unless the user moved the unit's Ending Control Step off 1.0
+    shares = [recipe and float(getattr(param, "stop_guidance_percent", 1.0)) >= 1.0 for param in units]
+    for param, share in zip(units, shares, strict=True):
+        control.install_control(param.control_model, handle, recipe=recipe,
+                                share=hd.CONTROL_SHARE if share else None)
+        _Run.controls.append(param.control_model)
+    size = control.control_latent_size(h, w, handle.state.detected.block_map.native_latent) if recipe else None
+    note = f"{pass_name}: {sa.controlnet_note(len(units), recipe, size, shares)}"
+    previous = p.extra_generation_params.get(sa.CONTROLNET_KEY)
+    p.extra_generation_params[sa.CONTROLNET_KEY] = note if previous in (None, note) else f"{previous}; {note}"
+    print(f"HiDiffusion ControlNet: {note}")
 
 
 def _hypertile_on(p) -> bool:

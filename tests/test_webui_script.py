@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from controlnet_host import TinyControlNet
 from unets import make_inputs, make_unet
-from webui_host import Host, Processing, load_script, paste, sd_model, send_to
+from webui_host import Host, Processing, controlnet_units, load_script, paste, sd_model, send_to
 
 import hidiffusion_lib as hd
 from hidiffusion_lib import script_args as sa
@@ -324,3 +325,53 @@ def test_hints_file_matches_the_controls():
     text = (Path(__file__).parents[1] / "javascript" / "hidiffusion-hints.js").read_text()
     hints = dict(re.findall(r'titles\["(.+?)"\] = "(.+?)";', text))
     assert hints == {a.label: a.hint for a in sa.ARGS}
+
+
+def hint(h: int, w: int) -> torch.Tensor:
+    return torch.rand(1, 3, 8 * h, 8 * w, generator=torch.Generator().manual_seed(2))
+
+
+def test_controlnet_unit_runs_the_recipe_and_is_unwrapped_after(host, capsys):
+    control = TinyControlNet("sd1")
+    host.controlnet = controlnet_units((control, hint(80, 96), 1.0))
+    _, p = host.generate(args(), 80, 96, steps=5)
+    assert control.calls == [((48, 64), (384, 512))] * 3  # native size, steps 0-2 of 5
+    note = p.extra_generation_params[sa.CONTROLNET_KEY]
+    assert note == ("first pass: 1 unit(s): recipe, control at 512x384 (first 60% of steps); "
+                    "residuals resized bicubic to the U-Net's levels")
+    assert note in capsys.readouterr().out
+    assert "forward" not in vars(control) and marks(host.unet) == 0
+    # recipe off: full size on every step, and the infotext says it was off
+    control.calls.clear()
+    _, p = host.generate(args(controlnet_recipe=False), 80, 96, steps=5)
+    assert control.calls == [((80, 96), (640, 768))] * 5
+    assert p.extra_generation_params["HiDiffusion ControlNet recipe"] is False
+    assert p.extra_generation_params[sa.CONTROLNET_KEY].startswith("first pass: 1 unit(s): recipe off")
+
+
+def test_controlnet_units_with_their_own_ending_step_and_hires(host):
+    own, default = TinyControlNet("sd1"), TinyControlNet("sd1", seed=8)
+    host.controlnet = controlnet_units((own, hint(72, 72), 0.5), (default, hint(72, 72), 1.0))
+    _, p = host.generate(args(), 72, 72, steps=5, hires=(96, 96, 5))
+    assert own.calls == [((64, 64), (512, 512))] * 10  # every call: the unit's own end is the host's business
+    assert default.calls == [((64, 64), (512, 512))] * 6
+    note = p.extra_generation_params[sa.CONTROLNET_KEY]
+    assert note.count("(unit's own steps, first 60% of steps)") == 2 and "; hires fix pass: " in note
+
+
+def test_controlnet_is_left_alone_in_a_native_size_pass(host):
+    control = TinyControlNet("sd1")
+    host.controlnet = controlnet_units((control, hint(64, 64), 1.0))
+    _, p = host.generate(args(native_gate=True), 64, 64, steps=3)
+    assert control.calls == [((64, 64), (512, 512))] * 3 and sa.CONTROLNET_KEY not in p.extra_generation_params
+
+
+def test_sdxl_text_to_image_with_controlnet_takes_the_authors_t1(host):
+    unet = make_unet("sdxl")
+    _, _, context = make_inputs("sdxl", 2, 8, 8)
+    xl = Host(host.module, host.stubs, unet, context)
+    xl.controlnet = controlnet_units((TinyControlNet("sdxl"), hint(24, 40), 1.0))
+    _, p = xl.generate(args(), 24, 40, p=Processing(sd_model(unet, "sdxl"), 320, 192))
+    assert p.extra_generation_params["HiDiffusion schedule"] == "sdxl_2048: T1 0.5, T2 0, aggressive"
+    _, p = xl.generate(args(controlnet_recipe=False), 24, 40, p=Processing(sd_model(unet, "sdxl"), 320, 192))
+    assert p.extra_generation_params["HiDiffusion schedule"] == "sdxl_2048: T1 0.4, T2 0, aggressive"

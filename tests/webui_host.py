@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from controlnet_host import forward_with_residuals
 
 STUB = Path(__file__).parent / "webui_stub"
 SCRIPT = Path(__file__).parents[1] / "scripts" / "hidiffusion.py"
@@ -83,11 +84,36 @@ def sd_model(unet: torch.nn.Module, arch: str = "sd1") -> SimpleNamespace:
                            is_sd2=arch == "sd2", is_sdxl=arch == "sdxl")
 
 
+def controlnet_units(*units: tuple) -> SimpleNamespace:
+    """``p.scripts`` with sd-webui-controlnet's Script among the always-on scripts, its units as
+    its ``process`` leaves them (scripts/controlnet.py ``latest_network``, a
+    scripts/hook.py UnetHook whose ``control_params`` are ControlParams). units: (control
+    model, hint, Ending Control Step) each."""
+    params = [SimpleNamespace(control_model=model, hint_cond=hint, stop_guidance_percent=end,
+                              start_guidance_percent=0.0, control_model_type=SimpleNamespace(is_controlnet=True))
+              for model, hint, end in units]
+    controlnet = SimpleNamespace(latest_network=SimpleNamespace(control_params=params))
+    return SimpleNamespace(alwayson_scripts=[SimpleNamespace(), controlnet])
+
+
 class Host:
     def __init__(self, script_module, stubs, unet, context):
         self.module, self.stubs, self.unet, self.context = script_module, stubs, unet, context
         self.script = script_module.HiDiffusionScript()
         self.steps_seen: list[tuple[int, int]] = []
+        self.controlnet: SimpleNamespace | None = None  # set to controlnet_units(...) to run them
+
+    def call_unet(self, x, t):
+        """The U-Net as the sampler calls it; with ControlNet units, through sd-webui-controlnet's
+        forward (tests/controlnet_host.py), one unit after the other, residuals summed."""
+        if self.controlnet is None:
+            return self.unet(x, t, context=self.context)
+        params = self.controlnet.alwayson_scripts[-1].latest_network.control_params
+        residuals = None
+        for param in params:
+            out = param.control_model(x=x, hint=param.hint_cond, timesteps=t, context=self.context)
+            residuals = out if residuals is None else [a + b for a, b in zip(residuals, out, strict=True)]
+        return forward_with_residuals(self.unet, x, t, self.context, residuals)
 
     def sample(self, x, steps: int, second_order: bool = False, fail_after: int | None = None):
         """One sampling pass: Euler-like (one call a step) or Heun-like (2 a step, 1 for the last)."""
@@ -105,7 +131,7 @@ class Host:
             if handle is not None and handle.active:
                 self.steps_seen.append((handle.state.step, handle.state.steps))
             with torch.no_grad():
-                x = x - 0.1 * self.unet(x, torch.full((x.shape[0],), 999.0 * (1 - call / calls)), context=self.context)
+                x = x - 0.1 * self.call_unet(x, torch.full((x.shape[0],), 999.0 * (1 - call / calls)))
             denoiser.step += 1
         return x
 
@@ -113,6 +139,8 @@ class Host:
                  fail_after: int | None = None, p: Processing | None = None, seed: int = 1):
         """txt2img (+ hires fix as (h2, w2, steps2)); returns (latent, p)."""
         p = p or Processing(sd_model(self.unet), width=w * 8, height=h * 8, seeds=[seed], all_seeds=[seed])
+        if self.controlnet is not None:
+            p.scripts = self.controlnet
         noise = torch.randn(2, 4, h, w, generator=torch.Generator().manual_seed(seed))
         self.script.process(p, *args)
         self.script.process_before_every_sampling(p, *args, x=noise, noise=noise, c=None, uc=None)
