@@ -6,8 +6,8 @@ runs in tests/e2e/test_controlnet_e2e.py).
 keyword (x, hint, timesteps, context), then runs the U-Net's blocks itself and adds the
 residuals with ``aligned_adding`` (nearest resize where sizes differ) to the skips on the way
 up and to the middle block's output. ``TinyControlNet`` has a ControlNet's interface and
-output: the encoder of a small random ldm U-Net fed latent + embedded control image, returning
-one residual per input block plus the middle one.
+output (the benchmark's, hidiffusion_lib/bench/controlnet.py): the encoder of a small random ldm
+U-Net fed latent + embedded control image, one residual per input block plus the middle one.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from torch import nn
-from unets import make_unet
+from unets import randomize, unet_config
+
+from hidiffusion_lib.bench.controlnet import ControlNet
 
 
 def aligned_adding(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -51,29 +53,15 @@ def forward_with_residuals(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, co
         return unet.out(h.type(x.dtype))
 
 
-class TinyControlNet(nn.Module):
-    """A ControlNet-shaped control model for a ``layout`` U-Net; records every call's input sizes."""
+class TinyControlNet(ControlNet):
+    """The benchmark's ControlNet for a small ``layout`` U-Net, random weights; records every
+    call's latent and control image sizes."""
 
     def __init__(self, layout: str, seed: int = 5) -> None:
-        super().__init__()
-        encoder = make_unet(layout, seed)
-        self.model_channels = encoder.model_channels
-        self.time_embed, self.input_blocks = encoder.time_embed, encoder.input_blocks
-        self.middle_block = encoder.middle_block
-        generator = torch.Generator().manual_seed(seed + 1)
-        self.hint_block = nn.Conv2d(3, encoder.model_channels, 8, stride=8)
-        self.hint_block.weight.data = torch.randn(self.hint_block.weight.shape, generator=generator) * 0.05
+        super().__init__(unet_config(layout))
+        randomize(self, seed).eval()
         self.calls: list[tuple[tuple[int, int], tuple[int, int]]] = []
 
     def forward(self, x, hint, timesteps, context, **kwargs):
         self.calls.append((tuple(x.shape[-2:]), tuple(hint.shape[-2:])))
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels, repeat_only=False))
-        guided = self.hint_block(hint)
-        outs, h = [], x
-        for index, module in enumerate(self.input_blocks):
-            h = module(h, emb, context)
-            if index == 0:
-                h = h + guided
-            outs.append(h)
-        outs.append(self.middle_block(h, emb, context))
-        return outs
+        return super().forward(x, hint, timesteps, context)

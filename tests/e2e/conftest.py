@@ -2,7 +2,9 @@
 free loopback port, with this extension linked into it and tiny random-weight checkpoints.
 
 Environment: WEBUI_DIR (a webui checkout with its repositories/; without it every e2e test
-skips), WEBUI_PYTHON (its venv's python, default WEBUI_DIR/venv/bin/python).
+skips), WEBUI_PYTHON (its venv's python, default WEBUI_DIR/venv/bin/python), CONTROLNET_DIR (a
+checkout of sd-webui-controlnet whose requirements are in that venv; tests marked
+``needs_controlnet`` skip without it).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +30,8 @@ import pytest
 ROOT = Path(__file__).parents[2]
 WEBUI_DIR = os.environ.get("WEBUI_DIR")
 needs_webui = pytest.mark.skipif(not WEBUI_DIR, reason="WEBUI_DIR is not set: no webui to test against")
+CONTROLNET_DIR = os.environ.get("CONTROLNET_DIR")
+needs_controlnet = pytest.mark.skipif(not CONTROLNET_DIR, reason="CONTROLNET_DIR is not set")
 # The webui's flags for a CPU-only, offline machine (see the README's "Tests").
 CPU_FLAGS = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check", "--use-cpu", "all",
              "--no-half", "--precision", "full", "--disable-nan-check", "--opt-sdp-attention"]
@@ -86,19 +91,33 @@ def write_checkpoint(out_dir: Path, kind: str = "sd1") -> Path:
     return out_dir / f"tiny-{kind}.safetensors"
 
 
+def write_controlnet(out_dir: Path, kind: str = "sd1", seed: int = 0) -> Path:
+    """Write a tiny random-weight ControlNet model for the tiny checkpoint of ``kind`` with the
+    webui's python (tiny_controlnet.py); returns its path. Pass ``out_dir`` as ``running_webui``'s
+    ``controlnet_models``."""
+    out = subprocess.run([webui_python(), str(ROOT / "tests" / "e2e" / "tiny_controlnet.py"), str(out_dir), kind,
+                          str(seed)], check=True, stdout=subprocess.PIPE, text=True).stdout
+    return Path(out.strip().splitlines()[-1])
+
+
 @contextlib.contextmanager
-def linked_extension() -> Iterator[None]:
-    """This checkout in WEBUI_DIR/extensions for the duration (unless it is already there).
+def _in_extensions(name: str, target: Path) -> Iterator[None]:
+    """``target`` linked as WEBUI_DIR/extensions/NAME for the duration (unless an extension
+    there already is ``target``).
 
     Runs that share WEBUI_DIR hold a shared lock on a file beside the link; the last one to
     end (the only one that can take the lock exclusively) removes the link.
     """
     extensions = Path(WEBUI_DIR) / "extensions"
-    link = extensions / "sd-webui-hidiffusion-e2e"
-    with open(extensions / ".sd-webui-hidiffusion-e2e.lock", "w") as lock:
+    link = extensions / name
+    with open(extensions / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_SH)
-        if not any(p.resolve() == ROOT.resolve() for p in extensions.iterdir() if p.is_dir()):
-            link.symlink_to(ROOT, target_is_directory=True)
+        if not any(p.resolve() == target.resolve() for p in extensions.iterdir() if p.is_dir()):
+            try:
+                link.symlink_to(target, target_is_directory=True)
+            except FileExistsError:  # another run made it meanwhile: fine if it is the same
+                if link.resolve() != target.resolve():
+                    raise
         try:
             yield
         finally:
@@ -107,17 +126,50 @@ def linked_extension() -> Iterator[None]:
             except BlockingIOError:
                 pass  # another run still uses it
             else:
-                if link.is_symlink() and link.resolve() == ROOT.resolve():
+                if link.is_symlink() and link.resolve() == target.resolve():
                     link.unlink()
+
+
+def linked_extension() -> contextlib.AbstractContextManager[None]:
+    """This checkout in WEBUI_DIR/extensions for the duration (unless it is already there)."""
+    return _in_extensions("sd-webui-hidiffusion-e2e", ROOT)
+
+
+def _tiny_controlnet_extension() -> Path:
+    """A one-script extension whose script is tiny_controlnet.py (a link to it): in the webui it
+    fits sd-webui-controlnet's loader to the tiny models (see that file). One folder per
+    checkout, outside it, made again if gone."""
+    key = hashlib.sha256(str(ROOT.resolve()).encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / f"sd-webui-hidiffusion-e2e-tiny-controlnet-{key}"
+    script = folder / "scripts" / "tiny_controlnet.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    if not script.is_symlink():
+        with contextlib.suppress(FileExistsError):
+            script.symlink_to(ROOT / "tests" / "e2e" / "tiny_controlnet.py")
+    return folder
+
+
+@contextlib.contextmanager
+def linked_controlnet() -> Iterator[None]:
+    """CONTROLNET_DIR in WEBUI_DIR/extensions for the duration (unless it is already there),
+    with the extension that lets it load tiny_controlnet.py's models."""
+    if not CONTROLNET_DIR:
+        pytest.skip("CONTROLNET_DIR is not set")
+    with _in_extensions("sd-webui-controlnet-e2e", Path(CONTROLNET_DIR)), \
+            _in_extensions("sd-webui-hidiffusion-e2e-tiny-controlnet", _tiny_controlnet_extension()):
+        yield
 
 
 @contextlib.contextmanager
 def running_webui(workdir: Path, ckpt: Path, ui: bool = False, extra_args: tuple[str, ...] = (),
-                  env: dict[str, str] | None = None) -> Iterator[Webui]:
+                  env: dict[str, str] | None = None, controlnet_models: Path | None = None) -> Iterator[Webui]:
     """Start the webui on a free loopback port (API only unless ``ui``) with ``ckpt`` loaded.
 
     Its settings and ui-config files live in ``workdir``, so each run starts from the
-    webui's defaults and leaves WEBUI_DIR's own files alone. Stops it at the end.
+    webui's defaults and leaves WEBUI_DIR's own files alone. With ``controlnet_models`` (a
+    folder of write_controlnet's models) sd-webui-controlnet (CONTROLNET_DIR) runs too, with
+    that folder as its ``--controlnet-dir`` (its preprocessor folder in ``workdir``). Stops
+    it at the end.
     """
     port = free_port()
     log_path = workdir / "webui.log"
@@ -126,9 +178,16 @@ def running_webui(workdir: Path, ckpt: Path, ui: bool = False, extra_args: tuple
              "--ui-config-file", str(workdir / "ui-config.json"), *extra_args]
     if not ui:
         flags.append("--nowebui")
+    if controlnet_models is not None:
+        flags += ["--controlnet-dir", str(controlnet_models),
+                  "--controlnet-annotator-models-path", str(workdir / "controlnet-annotators")]
     process_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                    "TRANSFORMERS_OFFLINE": "1", **(env or {})}
-    with linked_extension(), open(log_path, "w") as log:
+    with contextlib.ExitStack() as stack:
+        if controlnet_models is not None:
+            stack.enter_context(linked_controlnet())
+        stack.enter_context(linked_extension())
+        log = stack.enter_context(open(log_path, "w"))
         process = subprocess.Popen([webui_python(), "launch.py", *flags], cwd=WEBUI_DIR, env=process_env,
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         client = Webui(f"http://127.0.0.1:{port}", log_path)

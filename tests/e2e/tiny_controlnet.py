@@ -1,0 +1,184 @@
+"""Write tiny random-weight ControlNet models for the tiny U-Nets of tiny_checkpoint.py, and fit
+the sd-webui-controlnet extension's loader to them inside the webui.
+
+``python tests/e2e/tiny_controlnet.py OUT_DIR sd1|sdxl [SEED]`` writes one file,
+``OUT_DIR/tiny-controlnet-sd15.safetensors`` or ``OUT_DIR/tiny-controlnet-sdxl.safetensors``
+(``...-seedSEED.safetensors`` for a non-zero SEED), and prints its path. The name tells the
+extension the model's base ("sd15" / "xl" in it, scripts/enums.py); point its
+``--controlnet-dir`` at OUT_DIR. The keys are those of the extension's ``ControlNet``
+(scripts/cldm.py) under the ``control_model.`` prefix of the original ControlNet files (the
+loader strips it): the U-Net's encoder half (``time_embed``, ``label_emb`` for SDXL,
+``input_blocks``, ``middle_block``, with the tiny U-Net's shapes), ``input_hint_block`` (the
+control image, 3 channels, to the latent grid), one ``zero_convs.N`` 1x1 conv per input block
+and ``middle_block_out``: 13 residuals for sd1, 10 for SDXL, as the extension's U-Net forward
+expects. No YAML: since its SDXL support (2023) the loader reads no config file beside a model.
+
+Weights are random (biases 0, norm scales 1, other weights N(0, 1/fan_in), the same for a seed),
+and so are the "zero" convs, the hint block's last conv included: a trained ControlNet starts
+them at zero, which would make an untrained one a no-op. ``_nonzero_outputs`` checks that each
+of them has a non-zero weight, so every residual moves the image.
+
+The loader (scripts/controlnet_model_guess.py) does not read a model's layout from its weights:
+it builds every ControlNet with the fixed layout of SD 1.5's (320 channels) or SDXL's, and
+a tiny model fails to load with size mismatches. So this file is also a webui script: loaded
+by the webui (conftest.py's ``linked_controlnet`` puts it in a one-script extension), it wraps
+the extension's ``PlugableControlModel.__init__`` so that a state dict of this layout (32
+channels at the first input block) gets the tiny layout; other models load unchanged. The
+wrapper also fails the load if a key does not match (the extension loads non-strictly).
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import sys
+
+import torch
+
+HERE = str(pathlib.Path(__file__).resolve().parent)  # resolved: the webui loads this file through a link
+if HERE not in sys.path:
+    sys.path.append(HERE)
+from tiny_checkpoint import (  # noqa: E402
+    HEAD_WIDTH,
+    SDXL_DEPTH,
+    SDXL_MULT,
+    SIZE_EMBED,
+    TEXT_WIDTH,
+    UNET_CHANNELS,
+    UNET_DEPTH,
+    UNET_MULT,
+    Shapes,
+    _conv,
+    _random,
+    _stem,
+    open_clip_text_shapes,
+    unet_shapes,
+)
+
+STEMS = {"sd1": "tiny-controlnet-sd15", "sdxl": "tiny-controlnet-sdxl"}
+PREFIX = "control_model."
+HINT_CHANNELS = 3
+HINT_WIDTHS = (16, 16, 32, 32, 96, 96, 256)  # the hint block's convs; every second one has stride 2
+ENCODER = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
+PATCHED = "_hidiffusion_e2e_tiny_layout"
+
+
+def layout(kind: str) -> dict:
+    """The ``ControlNet`` arguments (scripts/cldm.py) that differ from the loader's fixed ones:
+    the tiny U-Net's levels, attention levels, depths and head width."""
+    mult, depth = (UNET_MULT, UNET_DEPTH) if kind == "sd1" else (SDXL_MULT, SDXL_DEPTH)
+    return {"model_channels": UNET_CHANNELS, "channel_mult": list(mult), "transformer_depth": list(depth),
+            "transformer_depth_middle": 1 if kind == "sd1" else depth[-1],
+            "attention_resolutions": [2**level for level, d in enumerate(depth) if d],
+            "num_head_channels": HEAD_WIDTH, "use_linear_in_transformer": kind == "sdxl"}
+
+
+def _input_block_channels(unet: Shapes) -> list[int]:
+    """Output channels of each input block of a U-Net (its first conv, res blocks, downsamplers)."""
+    channels: list[int] = []
+    while any(k.startswith(f"input_blocks.{len(channels)}.") for k in unet):
+        i = len(channels)
+        out = next(unet[k] for k in (f"input_blocks.{i}.0.weight", f"input_blocks.{i}.0.op.weight",
+                                     f"input_blocks.{i}.0.out_layers.3.weight") if k in unet)
+        channels.append(out[0])
+    return channels
+
+
+def controlnet_shapes(kind: str) -> Shapes:
+    """Parameter shapes of the ControlNet of the tiny U-Net of ``kind``."""
+    if kind == "sd1":
+        unet = unet_shapes()
+    else:
+        text = open_clip_text_shapes()  # as make_tiny_sdxl_checkpoint: CLIP + OpenCLIP context, pooled + sizes
+        ctx = TEXT_WIDTH + text["ln_final.weight"][0]
+        adm = text["text_projection"][1] + 3 * 2 * SIZE_EMBED
+        unet = unet_shapes(mult=SDXL_MULT, ctx=ctx, depth=SDXL_DEPTH, middle=SDXL_DEPTH[-1], linear=True, adm=adm)
+    s: Shapes = {k: v for k, v in unet.items() if k.startswith(ENCODER)}
+    cin = HINT_CHANNELS
+    for j, width in enumerate((*HINT_WIDTHS, UNET_CHANNELS)):
+        _conv(s, f"input_hint_block.{2 * j}", width, cin)  # SiLUs between them
+        cin = width
+    for i, ch in enumerate(_input_block_channels(unet)):
+        _conv(s, f"zero_convs.{i}.0", ch, ch, 1)
+    mid = unet["middle_block.2.out_layers.3.weight"][0]
+    _conv(s, "middle_block_out.0", mid, mid, 1)
+    return s
+
+
+def _nonzero_outputs(state: dict[str, torch.Tensor]) -> None:
+    """Every conv that a trained ControlNet starts at zero has a non-zero weight here."""
+    outputs = [k for k in state if ".zero_convs." in k or ".middle_block_out." in k
+               or k == f"{PREFIX}input_hint_block.{2 * len(HINT_WIDTHS)}.weight"]
+    zero = [k for k in outputs if k.endswith("weight") and not state[k].abs().sum() > 0]
+    if zero or len(outputs) < 4:
+        raise RuntimeError(f"zero output convs: {zero or outputs}")
+
+
+def make_tiny_controlnet(out_dir: pathlib.Path, kind: str = "sd1", seed: int = 0) -> pathlib.Path:
+    """Write the ControlNet of ``kind`` into ``out_dir``; return its path."""
+    from safetensors.torch import save_file
+
+    out_dir = pathlib.Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # a seed of its own, so the weights differ from the checkpoint's of the same seed
+    state = _random(controlnet_shapes(kind), PREFIX, torch.Generator().manual_seed(1000 + seed))
+    _nonzero_outputs(state)
+    path = out_dir / f"{_stem(STEMS[kind], seed)}.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+# ---- in the webui: fit the extension's loader to these models ----
+
+def _tiny_kind(state_dict: dict | None) -> str | None:
+    first = (state_dict or {}).get("input_blocks.0.0.weight")
+    if first is None or first.shape[0] != UNET_CHANNELS:
+        return None
+    return "sdxl" if "label_emb.0.0.weight" in state_dict else "sd1"
+
+
+def _with_tiny_layout(init):
+    @functools.wraps(init)
+    def __init__(self, config, state_dict=None, *args, **kwargs):
+        kind = _tiny_kind(state_dict)
+        if kind is None:
+            return init(self, config, state_dict, *args, **kwargs)
+        config = {**config, **layout(kind)}
+        config["context_dim"] = int(next(v for k, v in state_dict.items() if k.endswith("attn2.to_k.weight")).shape[1])
+        if kind == "sdxl":
+            config["adm_in_channels"] = int(state_dict["label_emb.0.0.weight"].shape[1])
+        init(self, config, state_dict, *args, **kwargs)
+        own = set(self.control_model.state_dict())
+        missing, unexpected = sorted(own - set(state_dict)), sorted(set(state_dict) - own)
+        if missing or unexpected:
+            raise RuntimeError(f"tiny ControlNet ({kind}) does not fit: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+        print(f"tiny ControlNet: loaded with the tiny {kind} layout")
+
+    setattr(__init__, PATCHED, True)
+    return __init__
+
+
+def patch_controlnet_loader() -> int:
+    """Wrap ``PlugableControlModel.__init__`` of every loaded module that has one (the
+    extension's ``scripts.cldm``, whose class its loader uses); returns how many classes were
+    wrapped now (0 without the extension, or when done already)."""
+    classes = {getattr(m, "PlugableControlModel", None) for m in list(sys.modules.values())}
+    wrapped = 0
+    for cls in classes - {None}:
+        if isinstance(cls, type) and not getattr(cls.__init__, PATCHED, False):
+            cls.__init__ = _with_tiny_layout(cls.__init__)
+            wrapped += 1
+    return wrapped
+
+
+WRITERS = {"sd1", "sdxl"}
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not 2 <= len(args) <= 3 or args[1] not in WRITERS or (args[2:] and not args[2].isdigit()):
+        sys.exit(f"usage: {sys.argv[0]} OUT_DIR {'|'.join(sorted(WRITERS))} [SEED]")
+    print(make_tiny_controlnet(pathlib.Path(args[0]), args[1], int(args[2]) if len(args) > 2 else 0))
+elif "modules.script_callbacks" in sys.modules:  # loaded by the webui as an extension's script
+    sys.modules["modules.script_callbacks"].on_before_ui(lambda: print(
+        f"tiny ControlNet: wrapped {patch_controlnet_loader()} loader class(es)"))
