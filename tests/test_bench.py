@@ -389,3 +389,26 @@ def test_estimate_says_how_long_and_times_nothing(tmp_path, capsys):
     # 64x64: warm-up + vanilla, idle, 2 states; 128x128 adds the hires fix's first pass at 64x64
     assert "for 5 forwards" in lines[0] and "for 6 forwards" in lines[1] and "for 11 forwards" in lines[2]
     assert not any(tmp_path.iterdir())
+
+
+def test_controlnet_cost_rows(tmp_path, capsys):
+    """The control model's cost at a tiny width: one row per size, the recipe at the native
+    latent (64 for SD 1.5: 1024 px -> 512 px) for ceil(0.6 * steps) calls, its residuals one per
+    input block and the middle one."""
+    from hidiffusion_lib.bench import controlnet as cn
+
+    out = tmp_path / "cn.json"
+    assert cn.main(["--size", "1024x1024", "768x512", "--channels", "32", "--steps", "10", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["width"], r["height"], r["recipe_latent"]) for r in rows] == [(1024, 1024, [64, 64]),
+                                                                             (768, 512, [40, 64])]
+    for row, area_ratio in zip(rows, (4, 64 * 96 / (40 * 64)), strict=True):
+        assert row["recipe_steps"] == 6
+        # convolutions scale with the area, attention faster
+        assert row["full_flops"] / row["recipe_flops"] >= 0.99 * area_ratio
+        assert row["full_generation_seconds"] == pytest.approx(10 * row["full_seconds"])
+    assert "| 1024x1024 |" in capsys.readouterr().out
+    model = cn.build_controlnet("sd15", channels=32)
+    x, t, context = example_inputs(model, 1, 16, 24)
+    residuals = model(x, torch.rand(1, 3, 128, 192), t, context)
+    assert len(residuals) == 13 and residuals[-1].shape[-2:] == (2, 3) and residuals[0].shape[-2:] == (16, 24)

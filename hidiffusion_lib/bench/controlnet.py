@@ -6,8 +6,9 @@ One is built here for the real architecture with random weights, from ldm's ``UN
 webui extension's own ``cldm`` is not a package), with the hint encoder of the released SD 1.5
 ControlNets (seven 3x3 convs, 16-256 channels, x8 down). It is timed at the image's latent
 size, as sd-webui-controlnet runs it, and at the size the recipe runs it (the model's native
-size, :func:`hidiffusion_lib.controlnet.control_latent_size`); a whole generation runs it on
-every step without the recipe and on the first 60% with it.
+size, :func:`hidiffusion_lib.controlnet.control_latent_size`), with SDP attention as the main
+benchmark; a whole generation runs it on every step without the recipe and on the first 60%
+with it.
 
     python -m hidiffusion_lib.bench.controlnet --size 1024x1024 2048x2048
 """
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..controlnet import control_latent_size
 from ..schedule import CONTROL_SHARE
+from .attention import ldm_attention
 from .flops import count_flops
 from .measure import measure, release_memory
 from .models import ARCHITECTURES, example_inputs, randomize, unet_config
@@ -167,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--size {value!r} is not WIDTHxHEIGHT")
         sizes.append((width, height))
     device = torch.device("cpu")
-    rows = run(args.arch, sizes, args.batch, args.steps, device, args.channels)
+    with ldm_attention("sdp"):  # as the main benchmark and the webui's --opt-sdp-attention
+        rows = run(args.arch, sizes, args.batch, args.steps, device, args.channels)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
             json.dump({"meta": describe(args, device), "rows": rows}, file, indent=1)

@@ -52,6 +52,6 @@ def describe(options: object, device: torch.device) -> dict:
         "device": str(device),
         "accelerator": accelerator,
         "versions": versions(),
-        "options": dataclasses.asdict(options),
+        "options": dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(vars(options)),
         "load_average_start": list(os.getloadavg()),
     }
