@@ -74,8 +74,7 @@ def install_control(control_model: nn.Module, handle: HiDiffusionHandle, recipe:
         if not state.alive or not isinstance(x, torch.Tensor) or x.ndim != 4:
             return call_original(control_model, previous, *args, **kwargs)
         latent_h, latent_w = (int(n) for n in x.shape[-2:])
-        is_gated, _, _ = state.switches_at(latent_h, latent_w)
-        if is_gated:
+        if handle.gated_at(latent_h, latent_w):
             return call_original(control_model, previous, *args, **kwargs)
         sizes = state.skips_at(latent_h, latent_w)
         sizes.append(sizes[-1])  # the middle block keeps the last input block's size
