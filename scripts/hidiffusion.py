@@ -164,8 +164,7 @@ class HiDiffusionScript(scripts.Script):
         if handle.gated_at(h, w):
             handle.remove()
             note = sa.skipped_note(pass_name, 8 * w, 8 * h, handle.arch)
-            previous = p.extra_generation_params.get(sa.SKIPPED_KEY)
-            p.extra_generation_params[sa.SKIPPED_KEY] = note if previous in (None, note) else f"{previous}; {note}"
+            _add_note(p, sa.SKIPPED_KEY, note)
             for key, value in sa.infotext(parsed).items():  # what was asked, so that paste restores it
                 p.extra_generation_params.setdefault(key, value)
             print(f"HiDiffusion: {note}")
@@ -207,6 +206,12 @@ def _note_refiner(p) -> None:
     p.extra_generation_params[sa.REFINER_KEY] = sa.REFINER_NOTE
 
 
+def _add_note(p, key: str, note: str) -> None:
+    """Put ``note`` under ``key`` in the infotext; a second pass's different note is appended."""
+    previous = p.extra_generation_params.get(key)
+    p.extra_generation_params[key] = note if previous in (None, note) else f"{previous}; {note}"
+
+
 def _control_units(p) -> list:
     """The ControlNet units of sd-webui-controlnet that run in this generation: its Script keeps
     them on ``latest_network.control_params`` after its ``process`` (scripts/controlnet.py,
@@ -230,8 +235,7 @@ def _install_controls(p, handle: hd.HiDiffusionHandle, units: list, recipe: bool
         _Run.controls.append(param.control_model)
     size = control.control_latent_size(h, w, handle.state.detected.block_map.native_latent) if recipe else None
     note = f"{pass_name}: {sa.controlnet_note(len(units), recipe, size, shares)}"
-    previous = p.extra_generation_params.get(sa.CONTROLNET_KEY)
-    p.extra_generation_params[sa.CONTROLNET_KEY] = note if previous in (None, note) else f"{previous}; {note}"
+    _add_note(p, sa.CONTROLNET_KEY, note)
     print(f"HiDiffusion ControlNet: {note}")
 
 
