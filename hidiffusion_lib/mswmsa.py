@@ -72,8 +72,11 @@ def _window_order(h: int, w: int, shift: tuple[int, int], device: torch.device) 
 
 
 def _is_plain_self_attention(x: torch.Tensor, context: object, args: tuple, kwargs: dict) -> bool:
-    # Anything else (a reference bank as context, sgm's extra tokens, a mask) passes through.
+    # Anything else (a reference bank as context or value, sgm's extra tokens, a mask) passes
+    # through. Forge's attn1 takes ``value`` too: None, or the input itself after an attn1 patch.
     if context is not None and context is not x:
+        return False
+    if kwargs.get("value") is not None and kwargs["value"] is not x:
         return False
     if any(a is not None for a in args) or kwargs.get("mask") is not None:
         return False
@@ -104,6 +107,8 @@ def windowed_forward(attn: nn.Module, state: State, position: int, token_hw: lis
         h, w = hw
         shift = shift_for(window_size(h, w), state.shift_indices[position])
         windows = partition(x, h, w, shift)
+        if kwargs.get("value") is not None:
+            kwargs = {**kwargs, "value": windows}
         out = call_original(attn, previous, windows, windows if context is x else None, *args, **kwargs)
         return reverse(out, h, w, shift)
 

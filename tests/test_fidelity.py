@@ -1,4 +1,5 @@
-"""Fidelity: the engine on ldm U-Nets against the authors' package on diffusers twins.
+"""Fidelity: the engine on ldm U-Nets, and on Forge's U-Net class with the same weights (when
+FORGE_DIR names a Forge checkout), against the authors' package on diffusers twins.
 
 Every step of a sampling pass is compared, with both sides pinned to the same ratios and
 window shifts (see hidiffusion_lib/bench/reference.py). The twins agree unpatched to ~1e-7 relative, so a patched
@@ -14,7 +15,7 @@ import pytest
 import torch
 from controlnet_host import forward_with_residuals
 from reference import LAYOUT, VANILLA_TOLERANCE, make_pair, run_ldm
-from unets import make_inputs
+from unets import make_forge_unet, make_inputs
 
 import hidiffusion_lib
 from hidiffusion_lib import Settings
@@ -120,6 +121,28 @@ def pairs():
         assert max_diff(run_ldm(ldm_unet, x, t, context), run_diffusers(twin, x, t, context)) <= VANILLA_TOLERANCE
 
 
+@pytest.fixture(scope="module")
+def forge_pairs(pairs):
+    """(Forge's IntegratedUNet2DConditionModel with the ldm U-Net's weights, the same twin);
+    checks the Forge U-Net unpatched agrees with the twin, and is left unpatched."""
+    built: dict[str, tuple] = {}
+
+    def get(layout: str):
+        if layout not in built:
+            _, twin = pairs(layout)
+            forge_unet = make_forge_unet(layout)
+            x, t, context = make_inputs(layout, 2, 16, 24)
+            diff = max_diff(run_ldm(forge_unet, x, t, context), run_diffusers(twin, x, t, context))
+            assert diff <= VANILLA_TOLERANCE, f"{layout}: vanilla Forge and diffusers U-Nets differ by {diff:.2e}"
+            built[layout] = (forge_unet, twin)
+        return built[layout]
+
+    yield get
+    for layout, (forge_unet, twin) in built.items():
+        x, t, context = make_inputs(layout, 2, 16, 24)
+        assert max_diff(run_ldm(forge_unet, x, t, context), run_diffusers(twin, x, t, context)) <= VANILLA_TOLERANCE
+
+
 def compare(pairs, case: Case, settings: Settings | None = None, step_offset: int = 0) -> list[float]:
     """Per step, the relative max difference between the engine (with ``settings``, default the
     case's, told step + ``step_offset``) and the reference running ``case``."""
@@ -153,6 +176,25 @@ def test_engine_matches_reference(pairs, case: Case) -> None:
     diffs = compare(pairs, case)
     print(f"{case.id}: max {max(diffs):.1e}")
     assert max(diffs) <= TOLERANCE, [f"{d:.1e}" for d in diffs]
+
+
+# Forge: every preset and part, a shift of each kind and the odd sizes, on its own U-Net class
+FORGE_CASES = [case for case in CASES if case.shift == "fixed" and case.shift_index in (1, 3)] + [
+    case for case in CASES if case.shift != "fixed"][:2]
+
+
+@pytest.mark.parametrize("case", FORGE_CASES, ids=[c.id for c in FORGE_CASES])
+def test_engine_on_forge_unet_matches_reference(forge_pairs, case: Case) -> None:
+    """Forge's U-Net calls Upsample with the skip's shape and attn1 with ``value`` and
+    ``transformer_options``, and its attention is Forge's own function."""
+    diffs = compare(forge_pairs, case)
+    print(f"forge {case.id}: max {max(diffs):.1e}")
+    assert max(diffs) <= TOLERANCE, [f"{d:.1e}" for d in diffs]
+
+
+def test_forge_comparison_can_fail(forge_pairs) -> None:
+    diffs = compare(forge_pairs, BASE, replace(BASE.settings(), shift_index=2))
+    assert all(d > 100 * TOLERANCE for d in diffs), [f"{d:.1e}" for d in diffs]
 
 
 def test_presets_are_the_references() -> None:
@@ -197,7 +239,17 @@ def _encoder_shapes(unet, size: tuple[int, int]) -> list[torch.Size]:
     return shapes
 
 
-def compare_controlnet(pairs, size: tuple[int, int], controlnet: bool = True, fit: bool = True) -> list[float]:
+def forge_forward_with_residuals(unet, x, t, context, residuals: list) -> torch.Tensor:
+    """Forge's own U-Net forward with residuals as its ControlNet hands them over
+    (backend/patcher/controlnet.py ``control_merge``: the last is the middle block's, the rest
+    are popped from the end onto the skips by backend/nn/unet.py ``apply_control``)."""
+    with torch.no_grad():
+        return unet(x, timesteps=t, context=context, control={"output": list(residuals[:-1]),
+                                                                "middle": [residuals[-1]]})
+
+
+def compare_controlnet(pairs, size: tuple[int, int], controlnet: bool = True, fit: bool = True,
+                       forward=forward_with_residuals) -> list[float]:
     """Per step, the engine on the ldm U-Net in sd-webui-controlnet's loop (tests/controlnet_host.py)
     against the reference's ControlNet U-Net, both given the same random residuals at half the
     latent size (as a control model run at a smaller size gives them). controlnet: the engine
@@ -218,7 +270,7 @@ def compare_controlnet(pairs, size: tuple[int, int], controlnet: bool = True, fi
                 handle.set_step(step, STEPS)
                 skips = handle.state.skips_at(*size)
                 fitted = fit_residuals(residuals, [*skips, skips[-1]]) if fit else residuals
-                ours = forward_with_residuals(ldm_unet, x, t, context, fitted)
+                ours = forward(ldm_unet, x, t, context, fitted)
                 theirs = reference(x, t, context, [1] * reference.windowed,
                                    down_block_additional_residuals=tuple(residuals[:-1]),
                                    mid_block_additional_residual=residuals[-1])
@@ -245,6 +297,15 @@ def test_controlnet_comparison_can_fail(pairs, wrong: dict, bad_steps) -> None:
     diffs = compare_controlnet(pairs, (32, 48), **wrong)
     print(f"controlnet wrong {wrong}: " + " ".join(f"{d:.0e}" for d in diffs))
     assert all(diffs[s] > 100 * TOLERANCE for s in bad_steps), [f"{d:.1e}" for d in diffs]
+
+
+@pytest.mark.parametrize("size", [(32, 48), (27, 45)])
+def test_controlnet_on_forge_unet_matches_reference(forge_pairs, size) -> None:
+    """Forge's apply_control drops a residual whose size differs from the skip; fitted, every
+    residual lands, on RAU-Net steps too, as the authors' ControlNet U-Net adds them."""
+    diffs = compare_controlnet(forge_pairs, size, forward=forge_forward_with_residuals)
+    print(f"forge controlnet {size}: max {max(diffs):.1e}")
+    assert max(diffs) <= TOLERANCE, [f"{d:.1e}" for d in diffs]
 
 
 def test_controlnet_constants_are_the_references() -> None:

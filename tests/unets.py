@@ -6,13 +6,18 @@ equivalence test can fail.
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+import types
+
 import torch
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from hidiffusion_lib.bench.models import randomize
 
 CONTEXT_DIM = {"sd1": 32, "sd2": 1024, "sdxl": 32}
-__all__ = ["CONTEXT_DIM", "make_inputs", "make_unet", "randomize", "unet_config"]
+__all__ = ["CONTEXT_DIM", "forge_config", "make_forge_unet", "make_inputs", "make_unet", "randomize", "unet_config"]
 
 
 def unet_config(layout: str, channels: int = 32) -> dict:
@@ -47,3 +52,51 @@ def make_inputs(layout: str, batch: int, h: int, w: int, seed: int = 1, tokens: 
     if layout == "sdxl":
         return x, t, [context, context]
     return x, t, context
+
+
+def forge_backend() -> types.ModuleType:
+    """Forge's ``backend.nn.unet`` from the checkout at FORGE_DIR (skips the test without one).
+
+    Forge parses its flags at import (backend/args.py): CPU and PyTorch attention, as the e2e
+    tests start it. Its module imports need ``psutil`` and ``sentencepiece`` (for the vendored
+    ``packages_3rdparty/gguf``), which requirements-test.txt pins.
+    """
+    import pytest
+
+    forge = os.environ.get("FORGE_DIR")
+    if not forge:
+        pytest.skip("FORGE_DIR is not set: no Forge checkout to build its U-Net from")
+    for path in (forge, os.path.join(forge, "packages_3rdparty")):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    argv = sys.argv
+    sys.argv = [argv[0], "--always-cpu", "--attention-pytorch"]
+    try:
+        return importlib.import_module("backend.nn.unet")
+    finally:
+        sys.argv = argv
+
+
+def forge_config(layout: str, channels: int = 32) -> dict:
+    """``IntegratedUNet2DConditionModel`` keyword arguments equal to ``unet_config(layout)``:
+    depths per res block (input, output) as Forge's loader gives them, not per resolution."""
+    ldm = unet_config(layout, channels)
+    depth, levels, blocks = ldm["transformer_depth"], len(ldm["channel_mult"]), ldm["num_res_blocks"]
+    per_level = [depth if 2**level in ldm["attention_resolutions"] else 0 for level in range(levels)]
+    context = ldm["context_dim"]
+    return dict(
+        in_channels=ldm["in_channels"], out_channels=ldm["out_channels"], model_channels=channels,
+        num_res_blocks=[blocks] * levels, channel_mult=ldm["channel_mult"], num_head_channels=ldm["num_head_channels"],
+        use_spatial_transformer=True, context_dim=context[0] if isinstance(context, list) else context,
+        use_linear_in_transformer=ldm.get("use_linear_in_transformer", False),
+        transformer_depth=[d for d in per_level for _ in range(blocks)],
+        transformer_depth_output=[d for d in per_level for _ in range(blocks + 1)],
+        transformer_depth_middle=depth,
+    )
+
+
+def make_forge_unet(layout: str, seed: int = 0, channels: int = 32) -> torch.nn.Module:
+    """Forge's U-Net class with the weights of ``make_unet(layout, seed, channels)``."""
+    unet = forge_backend().IntegratedUNet2DConditionModel(**forge_config(layout, channels))
+    unet.load_state_dict(make_unet(layout, seed, channels).state_dict())
+    return unet.eval()
