@@ -1,4 +1,6 @@
-"""HiDiffusion for the AUTOMATIC1111 webui: the thin glue between its hooks and hidiffusion_lib.
+"""HiDiffusion for the AUTOMATIC1111 webui and Forge: the thin glue between their script hooks
+and hidiffusion_lib. What differs between the back ends (where the U-Net lives, whose control
+models run, which other patches to step aside for) is asked of hidiffusion_lib.hosts.
 
 Lifecycle: ``process`` cleans any stale patch and validates the arguments;
 ``process_before_every_sampling`` patches the U-Net for each sampling pass (first pass,
@@ -6,8 +8,9 @@ hires fix pass); the ``on_cfg_denoiser`` callback tells the engine the step befo
 model call; ``postprocess`` removes the patch. The webui skips ``postprocess`` when a
 generation raises, so the next ``process`` and every model load clean up as well. A model
 load during sampling is the refiner switch: its steps run without HiDiffusion, and the
-infotext says so. With sd-webui-controlnet's units on, their control models are wrapped for
-the pass (hidiffusion_lib.controlnet: the authors' recipe) and unwrapped with the patch.
+infotext says so. With ControlNet units on (sd-webui-controlnet, Forge's built-in), their
+control models are wrapped for the pass (hidiffusion_lib.controlnet: the authors' recipe) and
+unwrapped with the patch.
 
 HIDIFFUSION_TRACE=<file> (for tests): every pass appends one JSON line with what each U-Net
 forward did (``hidiffusion_lib.state.Forward``).
@@ -25,6 +28,7 @@ from modules.ui_components import InputAccordion
 
 import hidiffusion_lib as hd
 from hidiffusion_lib import controlnet as control
+from hidiffusion_lib import hosts
 from hidiffusion_lib import script_args as sa
 from hidiffusion_lib.wrapping import marked
 
@@ -63,7 +67,7 @@ def _write_trace(p, handle: hd.HiDiffusionHandle) -> None:
 
 
 def _unet(p):
-    return p.sd_model.model.diffusion_model
+    return hosts.host_of(p.sd_model).unet(p.sd_model)
 
 
 def _model_arch(sd_model) -> str | None:
@@ -89,6 +93,10 @@ def _refuse(unet, error: sa.ArgError) -> None:
 
 
 class HiDiffusionScript(scripts.Script):
+    # Forge runs always-on scripts by this number: after its built-ins (ControlNet, Kohya HRFix,
+    # MultiDiffusion ...) have patched the pass, so that what they did can be seen
+    sorting_priority = 100
+
     def title(self):
         return "HiDiffusion"
 
@@ -146,14 +154,21 @@ class HiDiffusionScript(scripts.Script):
         settings = parsed.settings()  # shifts by step alone: image k of a batch == its seed alone
         if settings.arch is None:
             settings.arch = _model_arch(p.sd_model)
-        units = _control_units(p)
+        host = hosts.host_of(p.sd_model)
+        aside = host.step_aside(p, shared.opts)
+        if aside.whole is not None:
+            _skip(p, parsed, f"{pass_name}: {aside.whole}")
+            return
+        for part, reason in (("raunet", aside.raunet), ("mswmsa", aside.mswmsa)):
+            if reason is not None and getattr(settings, part):
+                setattr(settings, part, False)
+                label = sa.ARGS[sa.ARG_NAMES.index(part)].label
+                p.extra_generation_params[f"HiDiffusion {label}"] = reason
+                print(f"HiDiffusion: {label} steps aside in the {pass_name}: {reason}")
+        units = host.control_units(p)
         # the authors' ControlNet ratios are for text-to-image: not img2img, not the hires pass
         text_to_image = pass_name == "first pass" and not hasattr(p, "init_images")
         settings.controlnet = bool(units) and parsed.controlnet_recipe and text_to_image
-        if settings.mswmsa and _hypertile_on(p):
-            settings.mswmsa = False
-            p.extra_generation_params["HiDiffusion MSW-MSA"] = "off: Hypertile U-Net is on"
-            print("HiDiffusion: MSW-MSA steps aside while Hypertile tiles the U-Net's attention")
         try:
             handle = hd.apply(unet, settings)
         except (hd.UnsupportedUNet, ValueError) as error:
@@ -163,11 +178,7 @@ class HiDiffusionScript(scripts.Script):
         h, w = latent.shape[-2:] if latent is not None else (p.height // 8, p.width // 8)
         if handle.gated_at(h, w):
             handle.remove()
-            note = sa.skipped_note(pass_name, 8 * w, 8 * h, handle.arch)
-            _add_note(p, sa.SKIPPED_KEY, note)
-            for key, value in sa.infotext(parsed).items():  # what was asked, so that paste restores it
-                p.extra_generation_params.setdefault(key, value)
-            print(f"HiDiffusion: {note}")
+            _skip(p, parsed, sa.skipped_note(pass_name, 8 * w, 8 * h, handle.arch))
             return
         _Run.handle, _Run.p = handle, p
         p.extra_generation_params.update(sa.infotext(parsed, handle.schedule_for(h, w)))
@@ -206,44 +217,31 @@ def _note_refiner(p) -> None:
     p.extra_generation_params[sa.REFINER_KEY] = sa.REFINER_NOTE
 
 
+def _skip(p, parsed: sa.ScriptArgs, note: str) -> None:
+    """A pass that runs unchanged: say why in the infotext and the console."""
+    _add_note(p, sa.SKIPPED_KEY, note)
+    for key, value in sa.infotext(parsed).items():  # what was asked, so that paste restores it
+        p.extra_generation_params.setdefault(key, value)
+    print(f"HiDiffusion: {note}")
+
+
 def _add_note(p, key: str, note: str) -> None:
     """Put ``note`` under ``key`` in the infotext; a second pass's different note is appended."""
     previous = p.extra_generation_params.get(key)
     p.extra_generation_params[key] = note if previous in (None, note) else f"{previous}; {note}"
 
 
-def _control_units(p) -> list:
-    """The ControlNet units of sd-webui-controlnet that run in this generation: its Script keeps
-    them on ``latest_network.control_params`` after its ``process`` (scripts/controlnet.py,
-    scripts/hook.py UnetHook). T2I-Adapter, reference and IP-Adapter units are left to it."""
-    for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", None) or []:
-        params = getattr(getattr(script, "latest_network", None), "control_params", None)
-        if params:
-            return [param for param in params
-                    if getattr(getattr(param, "control_model_type", None), "is_controlnet", False)
-                    and callable(getattr(param, "control_model", None))]
-    return []
-
-
-def _install_controls(p, handle: hd.HiDiffusionHandle, units: list, recipe: bool, pass_name: str,
+def _install_controls(p, handle: hd.HiDiffusionHandle, units: list[hosts.ControlUnit], recipe: bool, pass_name: str,
                       h: int, w: int) -> None:
     # the authors' 60% share, unless the user moved the unit's Ending Control Step off 1.0
-    shares = [recipe and float(getattr(param, "stop_guidance_percent", 1.0)) >= 1.0 for param in units]
-    for param, share in zip(units, shares, strict=True):
-        control.install_control(param.control_model, handle, recipe=recipe,
-                                share=hd.CONTROL_SHARE if share else None)
-        _Run.controls.append(param.control_model)
+    shares = [recipe and unit.end >= 1.0 for unit in units]
+    for unit, share in zip(units, shares, strict=True):
+        control.install_control(unit.model, handle, recipe=recipe, share=hd.CONTROL_SHARE if share else None)
+        _Run.controls.append(unit.model)
     size = control.control_latent_size(h, w, handle.state.detected.block_map.native_latent) if recipe else None
     note = f"{pass_name}: {sa.controlnet_note(len(units), recipe, size, shares)}"
     _add_note(p, sa.CONTROLNET_KEY, note)
     print(f"HiDiffusion ControlNet: {note}")
-
-
-def _hypertile_on(p) -> bool:
-    opts = shared.opts
-    if getattr(p, "is_hr_pass", False) and getattr(opts, "hypertile_enable_unet_secondpass", False):
-        return True
-    return bool(getattr(opts, "hypertile_enable_unet", False))
 
 
 def on_cfg_denoiser(params) -> None:
@@ -276,7 +274,7 @@ def on_model_loaded(sd_model) -> None:
     _Run.end()
     if p is not None and _is_refiner(p, sd_model):
         _note_refiner(p)
-    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+    unet = hosts.host_of(sd_model).unet(sd_model)
     if unet is not None:
         hd.remove(unet)
 
@@ -299,7 +297,9 @@ def on_ui_settings() -> None:
 
 def add_xyz_axes() -> bool:
     """Add the X/Y/Z plot axes once; False while the X/Y/Z script is not loaded yet."""
-    xyz = next((s.module for s in scripts.scripts_data if s.script_class.__module__ == "xyz_grid.py"), None)
+    # scripts/xyz_grid.py in A1111 and Forge; Forge Neo moved it to extensions-builtin/xyz
+    xyz = next((s.module for s in scripts.scripts_data
+                if hasattr(s.module, "AxisOption") and hasattr(s.module, "axis_options")), None)
     if xyz is None:
         return False
     known = {option.label for option in xyz.axis_options}

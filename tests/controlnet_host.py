@@ -35,9 +35,10 @@ def controlled_forward(unet: nn.Module, control_model: nn.Module, x: torch.Tenso
     return forward_with_residuals(unet, x, t, context, residuals)
 
 
-def forward_with_residuals(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context, residuals: list) -> torch.Tensor:
+def forward_with_residuals(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context, residuals: list,
+                           add=aligned_adding) -> torch.Tensor:
     """The U-Net part of that loop: ``residuals`` (one per input block, then the middle one)
-    added to the skips on the way up and to the middle block's output."""
+    added by ``add(base, residual)`` to the skips on the way up and to the middle block's output."""
     residuals = list(residuals)
     with torch.no_grad():
         emb = unet.time_embed(timestep_embedding(t, unet.model_channels, repeat_only=False))
@@ -46,9 +47,9 @@ def forward_with_residuals(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, co
             h = module(h, emb, context)
             hs.append(h)
         h = unet.middle_block(h, emb, context)
-        h = aligned_adding(h, residuals.pop())
+        h = add(h, residuals.pop())
         for module in unet.output_blocks:
-            h = torch.cat([h, aligned_adding(hs.pop(), residuals.pop())], dim=1)
+            h = torch.cat([h, add(hs.pop(), residuals.pop())], dim=1)
             h = module(h, emb, context)
         return unet.out(h.type(x.dtype))
 

@@ -102,10 +102,23 @@ class Host:
         self.script = script_module.HiDiffusionScript()
         self.steps_seen: list[tuple[int, int]] = []
         self.controlnet: SimpleNamespace | None = None  # set to controlnet_units(...) to run them
+        self.forge = None  # a tests/forge_stub.py Patcher: generate() on Forge's model, its ControlNets
+
+    def new_sd_model(self):
+        if self.forge is None:
+            return sd_model(self.unet)
+        from forge_stub import sd_model as forge_sd_model
+
+        return forge_sd_model(self.forge)
 
     def call_unet(self, x, t):
         """The U-Net as the sampler calls it; with ControlNet units, through sd-webui-controlnet's
         forward (tests/controlnet_host.py), one unit after the other, residuals summed."""
+        if self.forge is not None and self.forge.controlnet_linked_list is not None:
+            from forge_stub import apply_control
+
+            residuals = self.forge.controlnet_linked_list.get_control(x, t, self.context)
+            return forward_with_residuals(self.unet, x, t, self.context, residuals, add=apply_control)
         if self.controlnet is None:
             return self.unet(x, t, context=self.context)
         params = self.controlnet.alwayson_scripts[-1].latest_network.control_params
@@ -138,7 +151,7 @@ class Host:
     def generate(self, args, h: int, w: int, steps: int = 4, second_order: bool = False, hires: tuple | None = None,
                  fail_after: int | None = None, p: Processing | None = None, seed: int = 1):
         """txt2img (+ hires fix as (h2, w2, steps2)); returns (latent, p)."""
-        p = p or Processing(sd_model(self.unet), width=w * 8, height=h * 8, seeds=[seed], all_seeds=[seed])
+        p = p or Processing(self.new_sd_model(), width=w * 8, height=h * 8, seeds=[seed], all_seeds=[seed])
         if self.controlnet is not None:
             p.scripts = self.controlnet
         noise = torch.randn(2, 4, h, w, generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,50 @@
+"""What the webui script asks of a host back end (see :mod:`hidiffusion_lib.hosts`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """A control model the host runs beside the U-Net in this generation.
+
+    model: called as ``model(x=latent, hint=image, ...)``, returning one residual per input
+        block plus the middle one (a ControlNet).
+    end: the fraction of the steps after which the host stops running it (its Ending Control
+        Step; 1.0 when left at the default).
+    """
+
+    model: nn.Module
+    end: float = 1.0
+
+
+@dataclass(frozen=True)
+class StepAside:
+    """Why HiDiffusion, or one of its parts, leaves this pass to another patch of the host;
+    each reason in the user's words, None where there is none."""
+
+    whole: str | None = None
+    raunet: str | None = None
+    mswmsa: str | None = None
+
+
+class Host(Protocol):
+    name: str
+
+    def owns(self, sd_model: object) -> bool:
+        """Whether ``sd_model`` (the webui's ``p.sd_model``) comes from this back end."""
+
+    def unet(self, sd_model: object) -> nn.Module | None:
+        """The U-Net module that HiDiffusion patches (None where the model has none)."""
+
+    def control_units(self, p: object) -> list[ControlUnit]:
+        """The ControlNet-type units that run in this generation; called after the host's
+        ControlNet has set up the pass. Adapters and reference units are left out."""
+
+    def step_aside(self, p: object, opts: object) -> StepAside:
+        """What other patches on this pass (called after theirs are set up) leave to
+        HiDiffusion; ``opts`` is the webui's ``shared.opts``."""
