@@ -1,4 +1,4 @@
-"""Write tiny random-weight checkpoints that the AUTOMATIC1111 webui loads offline.
+"""Write tiny random-weight checkpoints that the AUTOMATIC1111 webui (and Forge) loads offline.
 
 ``sd1``: ``tiny-sd1.safetensors``, ``tiny-sd1.yaml`` (the config the webui picks up beside a
 checkpoint) and ``tiny-sd1-clip/`` (CLIP tokenizer built from the BPE vocabulary that
@@ -16,12 +16,22 @@ cheap at 2048 px (32 channels, few res blocks, no attention, no resampling convs
 ``conditioner.embedders.1.model.ln_final.weight`` and no ``...embedders.0.model.ln_final``:
 that is how the webui tells the SDXL base from the refiner (modules/sd_models_config.py).
 
+``forge-sd1``: ``tiny-forge-sd1.safetensors`` alone, for Forge 2 (lllyasviel/stable-diffusion-webui-forge,
+``backend/``), which takes the model configs and tokenizer from its own ``backend/huggingface/`` and
+detects the model from key shapes (``huggingface_guess``): the U-Net keeps SD 1.5's detected
+features (``model_channels`` 320, ``context_dim`` 768, 1x1-conv projections; Forge builds 8 heads
+of 40) with ``channel_mult`` [1, 1, 1, 1], 2 res blocks a level and attention at levels 0-2, depth
+1; the CLIP ViT-L/14 text encoder and the SD VAE keep their full shapes (Forge raises on a shape
+mismatch). fp16, keys named as in the original SD 1.5 checkpoint (``model.diffusion_model.``,
+``first_stage_model.``, ``cond_stage_model.transformer.text_model.``); about 600 MiB.
+
 Weights are random, the same for a given seed. The YAML names the CLIP folder by absolute
 path: move them together or rerun. A non-zero SEED writes ``tiny-KIND-seedSEED.*`` and its own
-CLIP folder, e.g. a second SDXL checkpoint to switch to as a refiner (two writers can run at once).
+CLIP folder (``forge-sd1``: the checkpoint alone), e.g. a second SDXL checkpoint to switch to as a
+refiner (two writers can run at once).
 
-Usage: ``python tests/e2e/tiny_checkpoint.py OUT_DIR [sd1|sdxl [SEED]]`` (needs torch,
-safetensors, omegaconf, transformers and open_clip, as in the webui's venv).
+Usage: ``python tests/e2e/tiny_checkpoint.py OUT_DIR [sd1|sdxl|forge-sd1 [SEED]]`` (needs torch,
+safetensors, omegaconf, transformers and open_clip, as in the webui's or Forge's venv).
 """
 
 from __future__ import annotations
@@ -59,6 +69,18 @@ SIZE_EMBED = 256  # ConcatTimestepEmbedderND outdim; three of them embed two num
 # 32 channels throughout (GroupNorm's 32 groups), resampling without convs, no attention.
 SDXL_VAE_MULT = (1, 1, 1, 1)
 SDXL_VAE_RES = 0
+
+FORGE_SD1_STEM = "tiny-forge-sd1"
+FORGE_SD1_CHANNELS = 320  # huggingface_guess's SD15 needs model_channels 320 and context_dim 768
+FORGE_SD1_MULT = (1, 1, 1, 1)  # four levels keep the downsamples at input blocks 3, 6 and 9
+FORGE_SD1_DEPTH = (1, 1, 1, 0)
+# CLIP ViT-L/14's text encoder, as backend/huggingface/runwayml/stable-diffusion-v1-5/text_encoder
+CLIP_L_CONFIG = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                 "projection_dim": 768, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+SD_VAE_CHANNELS = 128
+SD_VAE_MULT = (1, 2, 4, 4)
+SD_VAE_RES = 2
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -296,13 +318,15 @@ def _start(out_dir: pathlib.Path, base: str, seed: int) -> tuple[pathlib.Path, s
     return out_dir, stem, clip_dir, write_clip_folder(clip_dir)
 
 
-def _save(out_dir: pathlib.Path, stem: str, state: dict[str, torch.Tensor], yaml_text: str) -> pathlib.Path:
-    """The checkpoint and its YAML beside it; the YAML is parsed first so a broken template
-    fails here, not in the webui."""
-    OmegaConf.create(yaml_text)
+def _save(out_dir: pathlib.Path, stem: str, state: dict[str, torch.Tensor], yaml_text: str | None) -> pathlib.Path:
+    """The checkpoint and its YAML beside it (none when ``yaml_text`` is None); the YAML is
+    parsed first so a broken template fails here, not in the webui."""
+    if yaml_text is not None:
+        OmegaConf.create(yaml_text)
     ckpt = out_dir / f"{stem}.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt))
-    (out_dir / f"{stem}.yaml").write_text(yaml_text, encoding="utf-8")
+    if yaml_text is not None:
+        (out_dir / f"{stem}.yaml").write_text(yaml_text, encoding="utf-8")
     return ckpt
 
 
@@ -412,7 +436,25 @@ def make_tiny_sdxl_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.P
     return _save(out_dir, stem, state, text)
 
 
-WRITERS = {"sd1": make_tiny_checkpoint, "sdxl": make_tiny_sdxl_checkpoint}
+def make_forge_sd1_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """Write the SD 1.5 checkpoint for Forge 2 into ``out_dir`` (no YAML, no CLIP folder: Forge
+    ships both); return the checkpoint path."""
+    out_dir = pathlib.Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text_config = CLIPTextConfig(**CLIP_L_CONFIG)
+    gen = torch.Generator().manual_seed(seed)
+    state = _random(unet_shapes(mc=FORGE_SD1_CHANNELS, mult=FORGE_SD1_MULT, ctx=text_config.hidden_size,
+                                depth=FORGE_SD1_DEPTH), "model.diffusion_model.", gen)
+    state |= _random(vae_shapes(ch=SD_VAE_CHANNELS, mult=SD_VAE_MULT, nres=SD_VAE_RES), "first_stage_model.", gen)
+    state |= _clip_text_state(text_config, "cond_stage_model.transformer.", seed)
+    # Forge's "Original" emphasis (backend/text_processing/emphasis.py) divides by the
+    # prompt embedding's mean too: the same offset as in make_tiny_checkpoint.
+    state["cond_stage_model.transformer.text_model.final_layer_norm.bias"] += 0.5
+    state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    return _save(out_dir, _stem(FORGE_SD1_STEM, seed), state, None)
+
+
+WRITERS = {"sd1": make_tiny_checkpoint, "sdxl": make_tiny_sdxl_checkpoint, "forge-sd1": make_forge_sd1_checkpoint}
 
 if __name__ == "__main__":
     args = sys.argv[1:]
