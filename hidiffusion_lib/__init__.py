@@ -19,7 +19,7 @@ _EXPORTS = {
     ".patching": ("HiDiffusionHandle", "apply", "remove"),
     ".controlnet": ("control_latent_size", "install_control", "remove_control"),
     ".schedule": ("CONTROL_SHARE", "CONTROLNET_PRESETS", "PRESETS", "Schedule", "active_switches", "gated",
-                  "preset_for", "resolve", "step_of_call",
+                  "heunpp2_calls", "preset_for", "resolve", "step_of_call", "step_of_calls",
                   "step_of_progress"),
     ".state": ("Forward",),
     ".settings": ("ARCHES", "RAU_MODES", "SHIFT_POLICIES", "Settings"),

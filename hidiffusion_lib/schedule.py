@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .settings import Settings
@@ -84,6 +86,22 @@ def step_of_call(call: int, steps: int, total_calls: int) -> int:
     if total_calls <= steps:
         return call
     return call * steps // total_calls
+
+
+def step_of_calls(call: int, calls_per_step: Sequence[int]) -> int:
+    """The step of the ``call``-th model call (0-based) of a sampler that makes
+    ``calls_per_step[i]`` calls in step i (e.g. Forge's HeunPP2: 3, ..., 3, 2, 1), for
+    samplers whose calls the host does not count (its total says one a step)."""
+    for step, end in enumerate(itertools.accumulate(calls_per_step)):
+        if call < end:
+            return step
+    return max(len(calls_per_step) - 1, 0)
+
+
+def heunpp2_calls(steps: int) -> list[int]:
+    """Calls a step of k-diffusion's ``sample_heunpp2`` (Forge's HeunPP2) in a ``steps``-step
+    pass: Heun++ (3) while two more sigmas follow, Heun (2) before the last step, Euler (1)."""
+    return [3] * max(steps - 2, 0) + [2, 1][-min(steps, 2):] if steps else []
 
 
 def step_of_progress(progress: float, steps: int) -> int:

@@ -250,8 +250,12 @@ def on_cfg_denoiser(params) -> None:
         return
     denoiser = params.denoiser
     steps = int(denoiser.steps or params.total_sampling_steps)
-    if getattr(getattr(_Run.p, "sampler", None), "funcname", None) == "sample_dpm_adaptive":
+    funcname = getattr(getattr(_Run.p, "sampler", None), "funcname", None)
+    if funcname == "sample_dpm_adaptive":
         handle.set_step(_adaptive_step(denoiser, params.sigma, steps), steps)
+        return
+    if funcname == "sample_heunpp2":  # Forge: up to 3 calls a step, counted by the host as one
+        handle.set_step(hd.step_of_calls(int(denoiser.step), hd.heunpp2_calls(steps)), steps)
         return
     total = int(denoiser.total_steps or steps)
     handle.set_step(hd.step_of_call(int(denoiser.step), steps, total), steps)

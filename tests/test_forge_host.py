@@ -5,6 +5,7 @@ clash, and leaves nothing behind. The real Forge runs in tests/e2e/test_forge_e2
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from controlnet_host import TinyControlNet
 from forge_stub import ControlNet, Patcher, T2IAdapter, sd_model
 from test_webui_script import args, hint, marks
 from unets import make_inputs, make_unet
-from webui_host import Host, load_script
+from webui_host import Host, Processing, load_script
 from webui_host import sd_model as a1111_sd_model
 
 from hidiffusion_lib import hosts
@@ -113,3 +114,16 @@ def test_without_fitting_forge_drops_the_residuals(host, capsys):
     host.module.control.install_control = lambda *a, **k: None  # the script's wrapper, taken away
     host.generate(args(t1=0.5, controlnet_recipe=False), 40, 48, steps=2)
     assert "could not be applied" in capsys.readouterr().out
+
+
+def test_heunpp2_calls_of_a_step_get_that_step(host):
+    """Forge's HeunPP2 is not marked second order (modules/sd_samplers_kdiffusion.py): its
+    total_steps says one call a step, it makes 3, 3, 2, 1 for 4 steps."""
+    p = Processing(sd_model(host.forge), 320, 192)
+    p.sampler = SimpleNamespace(funcname="sample_heunpp2")
+    noise = torch.randn(2, 4, 24, 40, generator=torch.Generator().manual_seed(1))
+    host.script.process(p, *args())
+    host.script.process_before_every_sampling(p, *args(), x=noise, noise=noise, c=None, uc=None)
+    host.sample(noise, 4, calls=9)
+    host.script.postprocess(p, None, *args())
+    assert host.steps_seen == [(s, 4) for s in (0, 0, 0, 1, 1, 1, 2, 2, 3)]

@@ -9,7 +9,15 @@ import sys
 import pytest
 
 from hidiffusion_lib import script_args as sa
-from hidiffusion_lib.schedule import PRESETS, active_switches, preset_for, resolve, step_of_call
+from hidiffusion_lib.schedule import (
+    PRESETS,
+    active_switches,
+    heunpp2_calls,
+    preset_for,
+    resolve,
+    step_of_call,
+    step_of_calls,
+)
 from hidiffusion_lib.settings import Settings
 
 
@@ -74,6 +82,12 @@ def test_switching_threshold_is_computed_in_floating_point():
 def test_second_order_calls_map_to_steps():
     assert [step_of_call(c, 4, 8) for c in range(7)] == [0, 0, 1, 1, 2, 2, 3]
     assert [step_of_call(c, 3, 3) for c in range(3)] == [0, 1, 2]
+
+
+def test_heunpp2_calls_follow_its_branches():
+    """k-diffusion's sample_heunpp2: 3 calls while sigmas[i + 2] is not the last, 2 before the last step, 1 last."""
+    assert [heunpp2_calls(n) for n in range(5)] == [[], [1], [2, 1], [3, 2, 1], [3, 3, 2, 1]]
+    assert [step_of_calls(c, heunpp2_calls(4)) for c in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 3]
 
 
 def test_batch_client_imports_without_torch():

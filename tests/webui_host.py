@@ -128,10 +128,12 @@ class Host:
             residuals = out if residuals is None else [a + b for a, b in zip(residuals, out, strict=True)]
         return forward_with_residuals(self.unet, x, t, self.context, residuals)
 
-    def sample(self, x, steps: int, second_order: bool = False, fail_after: int | None = None):
-        """One sampling pass: Euler-like (one call a step) or Heun-like (2 a step, 1 for the last)."""
+    def sample(self, x, steps: int, second_order: bool = False, fail_after: int | None = None,
+               calls: int | None = None):
+        """One sampling pass: Euler-like (one call a step) or Heun-like (2 a step, 1 for the last);
+        ``calls``: a sampler the host counts as one call a step that makes that many (HeunPP2)."""
         denoiser = SimpleNamespace(step=0, steps=steps, total_steps=2 * steps if second_order else steps)
-        calls = 2 * steps - 1 if second_order else steps
+        calls = calls or (2 * steps - 1 if second_order else steps)
         for call in range(calls):
             if fail_after is not None and call == fail_after:
                 raise RuntimeError("sampling failed")
