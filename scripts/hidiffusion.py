@@ -18,6 +18,7 @@ forward did (``hidiffusion_lib.state.Forward``).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from typing import ClassVar
@@ -33,6 +34,7 @@ from hidiffusion_lib import script_args as sa
 from hidiffusion_lib.wrapping import marked
 
 SECTION = ("hidiffusion", "HiDiffusion")
+_FORGE_UI = importlib.util.find_spec("modules_forge") is not None  # Forge's own package, beside modules/
 
 
 class _Run:
@@ -40,6 +42,7 @@ class _Run:
 
     handle: hd.HiDiffusionHandle | None = None
     p = None
+    hires = False  # read when patched: Forge clears p.is_hr_pass before the pass ends
     first_timestep: float | None = None
     controls: ClassVar[list] = []  # the control models wrapped for this pass
 
@@ -50,17 +53,17 @@ class _Run:
         cls.controls = []
         if cls.handle is not None:
             cls.handle.remove()
-            _write_trace(cls.p, cls.handle)
+            _write_trace(cls.p, cls.hires, cls.handle)
             cls.handle = cls.p = cls.first_timestep = None
         if unet is not None:
             hd.remove(unet)
 
 
-def _write_trace(p, handle: hd.HiDiffusionHandle) -> None:
+def _write_trace(p, hires: bool, handle: hd.HiDiffusionHandle) -> None:
     path = os.environ.get("HIDIFFUSION_TRACE")
-    if not path:
+    if not path or not handle.trace:  # Forge sets up a hires pass twice and runs only the second
         return
-    record = {"sampler": getattr(p, "sampler_name", None), "hires": bool(getattr(p, "is_hr_pass", False)),
+    record = {"sampler": getattr(p, "sampler_name", None), "hires": hires,
               "forwards": [forward._asdict() for forward in handle.trace]}
     with open(path, "a", encoding="utf-8") as file:
         file.write(json.dumps(record) + "\n")
@@ -180,7 +183,7 @@ class HiDiffusionScript(scripts.Script):
             handle.remove()
             _skip(p, parsed, sa.skipped_note(pass_name, 8 * w, 8 * h, handle.arch))
             return
-        _Run.handle, _Run.p = handle, p
+        _Run.handle, _Run.p, _Run.hires = handle, p, bool(getattr(p, "is_hr_pass", False))
         p.extra_generation_params.update(sa.infotext(parsed, handle.schedule_for(h, w)))
         if units:
             _install_controls(p, handle, units, parsed.controlnet_recipe, pass_name, h, w)
@@ -295,7 +298,10 @@ def on_ui_settings() -> None:
             component, component_args = gr.Checkbox, None
         else:
             component, component_args = gr.Dropdown, {"choices": list(arg.choices)}
-        option = shared.OptionInfo(arg.default, f"Default: {arg.label}", component, component_args, section=SECTION)
+        label = f"Default: {arg.label}"
+        if _FORGE_UI:  # Forge's Settings page shows no comment_after: the label says it
+            label += " (requires Reload UI)"
+        option = shared.OptionInfo(arg.default, label, component, component_args, section=SECTION)
         shared.opts.add_option(f"hidiffusion_default_{arg.name}", option.info(arg.hint).needs_reload_ui())
 
 
