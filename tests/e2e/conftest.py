@@ -74,6 +74,14 @@ def infotexts(body: dict) -> list[str]:
     return json.loads(body["info"])["infotexts"]
 
 
+def no_traceback(webui: Webui) -> None:
+    """No traceback in the log but the one the webui prints per linked extension that is not a
+    git checkout (it reads each extension's git data at start)."""
+    text = webui.log_text()
+    assert text.count("Traceback (most recent call last)") <= text.count(
+        "Failed reading extension data from Git repository"), webui.log
+
+
 def webui_python() -> str:
     return os.environ.get("WEBUI_PYTHON", str(Path(WEBUI_DIR) / "venv" / "bin" / "python"))
 
@@ -212,3 +220,141 @@ def running_webui(workdir: Path, ckpt: Path, ui: bool = False, extra_args: tuple
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+# --- Forge (lllyasviel/stable-diffusion-webui-forge main, the Forge 2 backend/) ---------------
+#
+# Environment: FORGE_DIR (a Forge checkout with its repositories/ and venv; without it the Forge
+# tests skip), FORGE_PYTHON (its python, default FORGE_DIR/venv/bin/python), FORGE_MODELS (a
+# folder for the tiny checkpoints, reused across runs; default a folder in the temp directory;
+# missing checkpoints are written there with FORGE_PYTHON, ~18 s and ~600 MB each),
+# FORGE_FULL_VAE=1 (decode with the checkpoint's full-size VAE instead of the tiny TAESD below:
+# 2-3x slower on a CPU).
+#
+# Each Forge runs with --data-dir in a folder of the test's own: its config.json, ui-config.json,
+# cache.json, models/ and outputs/ go there, and so does its extensions folder (Forge reads
+# extensions from DATA_DIR/extensions), where this checkout is linked. FORGE_DIR is only read.
+
+FORGE_DIR = os.environ.get("FORGE_DIR")
+needs_forge = pytest.mark.skipif(not FORGE_DIR, reason="FORGE_DIR is not set: no Forge to test against")
+# Forge's flags for a CPU-only, offline machine (its --use-cpu / --no-half are gone)
+FORGE_FLAGS = ["--always-cpu", "--skip-torch-cuda-test", "--attention-pytorch", "--skip-prepare-environment",
+               "--skip-install"]
+
+
+def forge_python() -> str:
+    return os.environ.get("FORGE_PYTHON", str(Path(FORGE_DIR) / "venv" / "bin" / "python"))
+
+
+def forge_checkpoint(seed: int = 0) -> Path:
+    """The tiny random-weight SD 1.5 checkpoint for Forge (tiny_checkpoint.py's ``forge-sd1``,
+    ``seed`` 0 or another) in FORGE_MODELS, written there first if it is not yet."""
+    folder = Path(os.environ.get("FORGE_MODELS") or Path(tempfile.gettempdir()) / "sd-webui-hidiffusion-e2e-forge")
+    name = "tiny-forge-sd1.safetensors" if seed == 0 else f"tiny-forge-sd1-seed{seed}.safetensors"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".write.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / name).exists():  # written aside and moved in: never a half file
+            with tempfile.TemporaryDirectory(dir=folder) as partial:
+                subprocess.run([forge_python(), str(ROOT / "tests" / "e2e" / "tiny_checkpoint.py"), partial,
+                                "forge-sd1", str(seed)], check=True, stdout=subprocess.PIPE)
+                os.replace(Path(partial) / name, folder / name)
+    return folder / name
+
+
+def write_taesd(folder: Path) -> None:
+    """taesd_decoder.pth and taesd_encoder.pth for Forge's "TAESD" VAE type (modules/sd_vae_taesd.py's
+    layout), with hand-set weights instead of the trained ones (not available offline): the
+    decoder paints latent channels 0-2 as colours (0.5 + 0.12 * channel, +-0.04 * channel 3, per
+    8x8 block: every latent change shows, nothing saturates), the encoder samples every 8th pixel
+    into latent channels 0-2. A second for the decode instead of the full VAE's half minute."""
+    import torch
+
+    def center(n_out: int, n_in: int, taps: list[tuple[int, int, float]]) -> torch.Tensor:
+        weight = torch.zeros(n_out, n_in, 3, 3)
+        for out, inp, value in taps:
+            weight[out, inp, 1, 1] = value
+        return weight
+
+    def state(layout: list) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for index, item in enumerate(layout):
+            if item == "block":  # its conv branch 0: relu(0 + x) = x for the x >= 0 it gets
+                for j in (0, 2, 4):
+                    tensors[f"{index}.conv.{j}.weight"] = torch.zeros(64, 64, 3, 3)
+                    tensors[f"{index}.conv.{j}.bias"] = torch.zeros(64)
+            elif isinstance(item, tuple):
+                tensors[f"{index}.weight"] = item[0]
+                if item[1] is not None:
+                    tensors[f"{index}.bias"] = item[1]
+        return tensors
+
+    split = [(2 * c, c, 1.0) for c in range(4)] + [(2 * c + 1, c, -1.0) for c in range(4)]  # relu(x), relu(-x)
+    mix = [(0, 0, 0.12), (1, 1, 0.12), (2, 2, 0.12), (0, 3, 0.04), (1, 3, 0.04), (2, 3, -0.04)]
+    rgb = [(o, 2 * c, v) for o, c, v in mix] + [(o, 2 * c + 1, -v) for o, c, v in mix]
+    up = (center(64, 64, [(c, c, 1.0) for c in range(8)]), None)
+    blocks = ["block"] * 3
+    # clamp, conv, relu, 3 blocks, (upsample, conv, 3 blocks) x 2, upsample, conv, block, conv
+    decoder = [None, (center(64, 4, split), torch.zeros(64)), None, *blocks, None, up, *blocks, None, up, *blocks,
+               None, up, "block", (center(3, 64, rgb), torch.full((3,), 0.5))]
+    copy = [(c, c, 1.0) for c in range(3)]
+    down = (center(64, 64, copy), None)
+    encoder = [(center(64, 3, copy), torch.zeros(64)), "block", down, *blocks, down, *blocks, down, *blocks,
+               (center(4, 64, [(c, c, 4.0) for c in range(3)]), torch.tensor([-2.0, -2.0, -2.0, 0.0]))]
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state(decoder), folder / "taesd_decoder.pth")
+    torch.save(state(encoder), folder / "taesd_encoder.pth")
+
+
+@contextlib.contextmanager
+def running_forge(data_dir: Path, ckpt: Path, extension: bool = True, env: dict[str, str] | None = None,
+                  extra_args: tuple[str, ...] = (), ui: bool = False) -> Iterator[Webui]:
+    """Start Forge (API-only, or with its UI) on a free loopback port with ``ckpt`` selected (loaded at the first
+    generation) and ``data_dir`` as its --data-dir; with ``extension`` this checkout is in its
+    extensions folder. Unless FORGE_FULL_VAE is set, images are decoded (and img2img encoded)
+    by write_taesd's tiny VAE. Stops it at the end."""
+    port = free_port()
+    log_path = data_dir / "forge.log"
+    if extension:
+        (data_dir / "extensions").mkdir(parents=True, exist_ok=True)
+        link = data_dir / "extensions" / "sd-webui-hidiffusion"
+        if not link.exists():
+            link.symlink_to(ROOT, target_is_directory=True)
+    if not os.environ.get("FORGE_FULL_VAE"):
+        write_taesd(data_dir / "models" / "VAE-taesd")
+        config = data_dir / "config.json"
+        if not config.exists():
+            config.write_text(json.dumps({"sd_vae_decode_method": "TAESD", "sd_vae_encode_method": "TAESD"}))
+    # Gradio 4 serves files only from allowed paths, the data dir by default: the webui's own
+    # javascript/ and this checkout's (resolved through the link) must be added
+    served = ["--gradio-allowed-path", str(FORGE_DIR), "--gradio-allowed-path", str(ROOT)] if ui else ["--nowebui"]
+    flags = [*FORGE_FLAGS, "--api", *served, "--server-name", "127.0.0.1", "--port", str(port),
+             "--ckpt-dir", str(ckpt.parent), "--ckpt", str(ckpt), "--data-dir", str(data_dir), *extra_args]
+    # unbuffered: Forge's print()s (e.g. "control could not be applied") reach the log before a request returns
+    process_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                   **(env or {})}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([forge_python(), "launch.py", *flags], cwd=FORGE_DIR, env=process_env,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = Webui(f"http://127.0.0.1:{port}", log_path)
+    try:
+        deadline = time.time() + START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"Forge exited with {process.returncode}; see {log_path}")
+            try:
+                if client.call("/sdapi/v1/script-info", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"Forge did not answer in {START_TIMEOUT} s; see {log_path}")
+            time.sleep(2)
+        yield client
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
