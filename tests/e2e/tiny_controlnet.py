@@ -1,17 +1,25 @@
 """Write tiny random-weight ControlNet models for the tiny U-Nets of tiny_checkpoint.py, and fit
 the sd-webui-controlnet extension's loader to them inside the webui.
 
-``python tests/e2e/tiny_controlnet.py OUT_DIR sd1|sdxl [SEED]`` writes one file,
-``OUT_DIR/tiny-controlnet-sd15.safetensors`` or ``OUT_DIR/tiny-controlnet-sdxl.safetensors``
-(``...-seedSEED.safetensors`` for a non-zero SEED), and prints its path. The name tells the
-extension the model's base ("sd15" / "xl" in it, scripts/enums.py); point its
-``--controlnet-dir`` at OUT_DIR. The keys are those of the extension's ``ControlNet``
-(scripts/cldm.py) under the ``control_model.`` prefix of the original ControlNet files (the
-loader strips it): the U-Net's encoder half (``time_embed``, ``label_emb`` for SDXL,
-``input_blocks``, ``middle_block``, with the tiny U-Net's shapes), ``input_hint_block`` (the
-control image, 3 channels, to the latent grid), one ``zero_convs.N`` 1x1 conv per input block
-and ``middle_block_out``: 13 residuals for sd1, 10 for SDXL, as the extension's U-Net forward
+``python tests/e2e/tiny_controlnet.py OUT_DIR sd1|sdxl|forge-sd1 [SEED]`` writes one file,
+``OUT_DIR/tiny-controlnet-sd15.safetensors``, ``OUT_DIR/tiny-controlnet-sdxl.safetensors`` or
+``OUT_DIR/tiny-controlnet-forge-sd15.safetensors`` (``...-seedSEED.safetensors`` for a non-zero
+SEED), and prints its path. The name tells the extension the model's base ("sd15" / "xl" in it,
+scripts/enums.py); point its ``--controlnet-dir`` at OUT_DIR. The keys are those of the
+extension's ``ControlNet`` (scripts/cldm.py) under the ``control_model.`` prefix of the original
+ControlNet files (the loader strips it): the U-Net's encoder half (``time_embed``, ``label_emb``
+for SDXL, ``input_blocks``, ``middle_block``, with the tiny U-Net's shapes), ``input_hint_block``
+(the control image, 3 channels, to the latent grid), one ``zero_convs.N`` 1x1 conv per input
+block and ``middle_block_out``: 13 residuals for sd1, 10 for SDXL, as the extension's U-Net forward
 expects. No YAML: since its SDXL support (2023) the loader reads no config file beside a model.
+
+``forge-sd1``: the ControlNet of tiny_checkpoint.py's ``forge-sd1`` U-Net (320 channels,
+``channel_mult`` [1, 1, 1, 1], CLIP-L context), fp16, for Forge 2's built-in ControlNet. Forge's
+loader (modules_forge/supported_controlnet.py) reads the layout from the keys themselves
+(huggingface_guess ``model_config_from_unet``, which finds SD 1.5 as for the checkpoint), takes
+the keys with or without the ``control_model.`` prefix and builds
+``backend.nn.cnets.cldm.ControlNet``: no loader fitting is needed there. Point Forge's
+``--controlnet-dir`` at OUT_DIR.
 
 Weights are random (biases 0, norm scales 1, other weights N(0, 1/fan_in), the same for a seed),
 and so are the "zero" convs, the hint block's last conv included: a trained ControlNet starts
@@ -39,6 +47,10 @@ HERE = str(pathlib.Path(__file__).resolve().parent)  # resolved: the webui loads
 if HERE not in sys.path:
     sys.path.append(HERE)
 from tiny_checkpoint import (  # noqa: E402
+    CLIP_L_CONFIG,
+    FORGE_SD1_CHANNELS,
+    FORGE_SD1_DEPTH,
+    FORGE_SD1_MULT,
     HEAD_WIDTH,
     SDXL_DEPTH,
     SDXL_MULT,
@@ -55,7 +67,7 @@ from tiny_checkpoint import (  # noqa: E402
     unet_shapes,
 )
 
-STEMS = {"sd1": "tiny-controlnet-sd15", "sdxl": "tiny-controlnet-sdxl"}
+STEMS = {"sd1": "tiny-controlnet-sd15", "sdxl": "tiny-controlnet-sdxl", "forge-sd1": "tiny-controlnet-forge-sd15"}
 PREFIX = "control_model."
 HINT_CHANNELS = 3
 HINT_WIDTHS = (16, 16, 32, 32, 96, 96, 256)  # the hint block's convs; every second one has stride 2
@@ -86,8 +98,12 @@ def _input_block_channels(unet: Shapes) -> list[int]:
 
 def controlnet_shapes(kind: str) -> Shapes:
     """Parameter shapes of the ControlNet of the tiny U-Net of ``kind``."""
+    channels = UNET_CHANNELS
     if kind == "sd1":
         unet = unet_shapes()
+    elif kind == "forge-sd1":  # as make_forge_sd1_checkpoint: CLIP-L's context
+        channels = FORGE_SD1_CHANNELS
+        unet = unet_shapes(mc=channels, mult=FORGE_SD1_MULT, ctx=CLIP_L_CONFIG["hidden_size"], depth=FORGE_SD1_DEPTH)
     else:
         text = open_clip_text_shapes()  # as make_tiny_sdxl_checkpoint: CLIP + OpenCLIP context, pooled + sizes
         ctx = TEXT_WIDTH + text["ln_final.weight"][0]
@@ -95,7 +111,7 @@ def controlnet_shapes(kind: str) -> Shapes:
         unet = unet_shapes(mult=SDXL_MULT, ctx=ctx, depth=SDXL_DEPTH, middle=SDXL_DEPTH[-1], linear=True, adm=adm)
     s: Shapes = {k: v for k, v in unet.items() if k.startswith(ENCODER)}
     cin = HINT_CHANNELS
-    for j, width in enumerate((*HINT_WIDTHS, UNET_CHANNELS)):
+    for j, width in enumerate((*HINT_WIDTHS, channels)):
         _conv(s, f"input_hint_block.{2 * j}", width, cin)  # SiLUs between them
         cin = width
     for i, ch in enumerate(_input_block_channels(unet)):
@@ -123,6 +139,8 @@ def make_tiny_controlnet(out_dir: pathlib.Path, kind: str = "sd1", seed: int = 0
     # a seed of its own, so the weights differ from the checkpoint's of the same seed
     state = _random(controlnet_shapes(kind), PREFIX, torch.Generator().manual_seed(1000 + seed))
     _nonzero_outputs(state)
+    if kind == "forge-sd1":  # as the forge-sd1 checkpoint and the released ControlNets
+        state = {k: v.half() for k, v in state.items()}
     path = out_dir / f"{_stem(STEMS[kind], seed)}.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
@@ -172,7 +190,7 @@ def patch_controlnet_loader() -> int:
     return wrapped
 
 
-WRITERS = {"sd1", "sdxl"}
+WRITERS = {"sd1", "sdxl", "forge-sd1"}
 
 if __name__ == "__main__":
     args = sys.argv[1:]
