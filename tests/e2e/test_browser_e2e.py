@@ -38,7 +38,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import needs_webui, running_webui, write_checkpoint
+from conftest import forge_checkpoint, needs_forge, needs_webui, running_forge, running_webui, write_checkpoint
 
 from hidiffusion_lib import script_args as sa
 
@@ -50,7 +50,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 CHROMIUM = Path(os.environ.get("E2E_CHROMIUM", "/usr/bin/chromium"))
 pytestmark = [
-    needs_webui,
     pytest.mark.skipif(sync_playwright is None, reason="Python playwright is not installed (pip install playwright)"),
     pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no browser at {CHROMIUM} (apt-get install chromium)"),
 ]
@@ -109,9 +108,15 @@ def _screenshots(request):
     request.config.pluginmanager.unregister(plugin)
 
 
-@pytest.fixture(scope="module")
-def webui_url(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("webui-ui")
+@pytest.fixture(scope="module", params=[pytest.param("a1111", marks=needs_webui),
+                                        pytest.param("forge", marks=needs_forge)])
+def webui_url(request, tmp_path_factory):
+    """Each host's UI in turn: A1111 v1.10.x (Gradio 3.41) and Forge (Gradio 4.40)."""
+    workdir = tmp_path_factory.mktemp(f"{request.param}-ui")
+    if request.param == "forge":
+        with running_forge(workdir, forge_checkpoint(), ui=True) as client:
+            yield client.url
+        return
     ckpt = write_checkpoint(workdir / "ckpt")
     with running_webui(workdir, ckpt, ui=True) as client:
         yield client.url
@@ -178,8 +183,8 @@ def wait_for_queue_idle(page: Page, timeout: float = 60) -> None:
 
 def open_tab(page: Page, tab: str, label: str | None = None) -> None:
     """Select the top-level tab ``#tab_{tab}`` by its button's text (``label``, default ``tab``)."""
-    label = label or tab
-    page.locator("#tabs > .tab-nav > button", has_text=re.compile(rf"^\s*{re.escape(label)}\s*$")).click()
+    label = label or tab  # Gradio 4 (Forge) capitalises it: "Txt2img"
+    page.locator("#tabs > .tab-nav > button", has_text=re.compile(rf"^\s*{re.escape(label)}\s*$", re.I)).click()
     page.locator(f"#tab_{tab}").wait_for(state="visible")
 
 
@@ -240,11 +245,19 @@ def value_of(locator) -> str:
     }""")
 
 
+# A dropdown's options: Gradio 3.41 names each by data-value, Gradio 4 (Forge) by aria-label.
+OPTION = "ul.options > li[data-value], ul.options > li[aria-label]"
+
+
+def option(locator, value: str):
+    return locator.locator(f"ul.options > li[data-value=\"{value}\"], ul.options > li[aria-label=\"{value}\"]")
+
+
 def dropdown_options(page: Page, locator) -> list[str]:
     locator.locator("input").first.click()
-    options = locator.locator("ul.options > li[data-value]")
+    options = locator.locator(OPTION)
     options.first.wait_for(state="visible")
-    values = options.evaluate_all("items => items.map(i => i.dataset.value)")
+    values = options.evaluate_all("items => items.map(i => i.dataset.value ?? i.getAttribute('aria-label'))")
     close_dropdown(page, locator)
     return values
 
@@ -267,7 +280,7 @@ def set_value(page: Page, locator, value: str) -> None:
             box.click()
     elif what == "dropdown":
         locator.locator("input").first.click()
-        locator.locator(f"ul.options > li[data-value=\"{value}\"]").click()
+        option(locator, value).click()
     elif what == "radio":
         locator.locator(f"label:has(input[value=\"{value}\"])").click()
     else:  # slider, number
@@ -455,7 +468,7 @@ def test_xyz_plot_mode_axis(page):
         options = values.locator("ul.options")
         if not options.is_visible():
             values.locator("input").first.click()
-        options.locator(f"li[data-value=\"{value}\"]").click()
+        option(values, value).click()
     close_dropdown(page, values)
     tokens = values.locator(".token").all_inner_texts()
     assert [t.strip() for t in tokens] == ["off", "full"], tokens

@@ -24,6 +24,7 @@ from conftest import (
     infotexts,
     needs_controlnet,
     needs_webui,
+    no_traceback,
     running_webui,
     write_checkpoint,
     write_controlnet,
@@ -85,14 +86,6 @@ def assert_residuals_fit(forwards: list[dict]) -> None:
         skips = [tuple(s) for s in forward["skips"]]
         assert forward["residuals"] is not None, f"no control residuals at step {forward['step']}"
         assert [tuple(r) for r in forward["residuals"]] == [*skips, skips[-1]], forward
-
-
-def no_traceback(webui: Webui) -> None:
-    """No traceback in the log but the one the webui prints per linked extension that is not a
-    git checkout (it reads each extension's git data at start)."""
-    text = webui.log_text()
-    assert text.count("Traceback (most recent call last)") <= text.count(
-        "Failed reading extension data from Git repository"), webui.log
 
 
 @pytest.fixture(scope="module")
