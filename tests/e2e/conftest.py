@@ -195,31 +195,39 @@ def running_webui(workdir: Path, ckpt: Path, ui: bool = False, extra_args: tuple
         if controlnet_models is not None:
             stack.enter_context(linked_controlnet())
         stack.enter_context(linked_extension())
-        log = stack.enter_context(open(log_path, "w"))
-        process = subprocess.Popen([webui_python(), "launch.py", *flags], cwd=WEBUI_DIR, env=process_env,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        client = Webui(f"http://127.0.0.1:{port}", log_path)
-        try:
-            deadline = time.time() + START_TIMEOUT
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"webui exited with {process.returncode}; see {log_path}")
-                try:
-                    if client.call("/sdapi/v1/script-info", timeout=5)[0] == 200:
-                        break
-                except OSError:
-                    pass
-                if time.time() > deadline:
-                    pytest.fail(f"webui did not answer in {START_TIMEOUT} s; see {log_path}")
-                time.sleep(2)
-            yield client
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
+        yield stack.enter_context(started("webui", webui_python(), flags, WEBUI_DIR, process_env, log_path, port))
+
+
+@contextlib.contextmanager
+def started(name: str, python: str, flags: list[str], cwd: str, env: dict[str, str], log_path: Path,
+            port: int) -> Iterator[Webui]:
+    """Run ``python launch.py *flags`` in ``cwd`` (its output to ``log_path``), wait until its API
+    on ``port`` answers, yield its client; stop its process group at the end."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([python, "launch.py", *flags], cwd=cwd, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    client = Webui(f"http://127.0.0.1:{port}", log_path)
+    try:
+        deadline = time.time() + START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"{name} exited with {process.returncode}; see {log_path}")
             try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+                if client.call("/sdapi/v1/script-info", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"{name} did not answer in {START_TIMEOUT} s; see {log_path}")
+            time.sleep(2)
+        yield client
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 # --- Forge (lllyasviel/stable-diffusion-webui-forge main, the Forge 2 backend/) ---------------
@@ -333,28 +341,5 @@ def running_forge(data_dir: Path, ckpt: Path, extension: bool = True, env: dict[
     # unbuffered: Forge's print()s (e.g. "control could not be applied") reach the log before a request returns
     process_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                    **(env or {})}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([forge_python(), "launch.py", *flags], cwd=FORGE_DIR, env=process_env,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    client = Webui(f"http://127.0.0.1:{port}", log_path)
-    try:
-        deadline = time.time() + START_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"Forge exited with {process.returncode}; see {log_path}")
-            try:
-                if client.call("/sdapi/v1/script-info", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"Forge did not answer in {START_TIMEOUT} s; see {log_path}")
-            time.sleep(2)
+    with started("Forge", forge_python(), flags, FORGE_DIR, process_env, log_path, port) as client:
         yield client
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
