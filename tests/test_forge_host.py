@@ -108,10 +108,10 @@ def test_controlnets_land_on_every_level_and_are_unwrapped(host, capsys, tmp_pat
     assert all("forward" not in vars(model) for model in (own, default)) and marks(host.unet) == 0
 
 
-def test_without_fitting_forge_drops_the_residuals(host, capsys):
+def test_without_fitting_forge_drops_the_residuals(host, capsys, monkeypatch):
     """The stand-in's apply_control drops what does not fit, as Forge's does: so the test above can fail."""
     host.forge.add_patched_controlnet(ControlNet(TinyControlNet("sd1"), hint(40, 48)))
-    host.module.control.install_control = lambda *a, **k: None  # the script's wrapper, taken away
+    monkeypatch.setattr(host.module.control, "install_control", lambda *a, **k: None)  # the wrapper, taken away
     host.generate(args(t1=0.5, controlnet_recipe=False), 40, 48, steps=2)
     assert "could not be applied" in capsys.readouterr().out
 
