@@ -13,6 +13,7 @@ import base64
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import signal
@@ -68,6 +69,18 @@ class Webui:
 
 def digest(body: dict, index: int = 0) -> str:
     return hashlib.sha256(base64.b64decode(body["images"][index])).hexdigest()
+
+
+def pixels(body: dict, index: int = 0):
+    """Image ``index`` of an API answer, decoded to an (h, w, 3) int array."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][index]))).convert("RGB"), dtype=int)
+
+
+def same(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
 
 
 def infotexts(body: dict) -> list[str]:

@@ -13,14 +13,12 @@ One Forge with this extension and the engine's trace (HIDIFFUSION_TRACE) serves 
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import Webui, forge_checkpoint, infotexts, needs_forge, running_forge
+from conftest import Webui, forge_checkpoint, infotexts, needs_forge, pixels, running_forge, same
 
 from hidiffusion_lib import script_args as sa
 from hidiffusion_lib.hosts.forge import ATTENTION_REPLACED, FEATURES_RESIZED, U_NET_WRAPPED
@@ -39,17 +37,6 @@ FREEU = ("FreeU Integrated (SD 1.x, SD 2.x, SDXL)", [True, 1.5, 1.6, 0.9, 0.2, 0
 SAG = ("SelfAttentionGuidance Integrated (SD 1.x, SD 2.x, SDXL)", [True, 0.5, 2.0, 1.0])
 PAG = ("PerturbedAttentionGuidance Integrated", [True, 3.0, 0.0, 0.0, 1.0])
 NEVER_OOM = ("Never OOM Integrated", [True, False])
-
-
-def pixels(body: dict, index: int = 0):
-    import numpy as np
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][index]))).convert("RGB"), dtype=int)
-
-
-def same(a, b) -> bool:
-    return a.shape == b.shape and bool((a == b).all())
 
 
 class Forge(Webui):

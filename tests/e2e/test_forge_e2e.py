@@ -11,8 +11,6 @@ native-size gate lets HiDiffusion run), 2 steps of Euler, T1 0.5 so that RAU-Net
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import sys
 import threading
@@ -20,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Webui, forge_checkpoint, infotexts, needs_forge, running_forge
+from conftest import Webui, forge_checkpoint, infotexts, needs_forge, pixels, running_forge, same
 
 from hidiffusion_lib import script_args as sa
 
@@ -32,17 +30,6 @@ ON = sa.to_positional({"enabled": True, "t1": 0.5})
 LATENT = 576 // 8
 # Tests whose request is meant to fail: the webui's API prints the exception's traceback
 EXPECTED_TRACEBACK = {"test_bad_argument_is_a_422_naming_it": "ArgError"}
-
-
-def pixels(body: dict, index: int = 0):
-    import numpy as np
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][index]))).convert("RGB"), dtype=int)
-
-
-def same(a, b) -> bool:
-    return a.shape == b.shape and bool((a == b).all())
 
 
 class Forge(Webui):
