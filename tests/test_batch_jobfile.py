@@ -70,6 +70,13 @@ def test_str_of_the_error_lists_every_problem_under_the_file(tmp_path):
     assert "jobs (line 1): must be a non-empty list of jobs" in text
 
 
+def test_the_error_names_the_file_when_a_job_is_bad(tmp_path):
+    path = _write(tmp_path, "jobs:\n  - {prompt: a, stpes: 2}\n")
+    with pytest.raises(JobFileError) as caught:
+        load(path)
+    assert str(caught.value).startswith(f"{path}: invalid job file\n  jobs[0].stpes (line 2): unknown field")
+
+
 def test_a_bad_default_is_reported_once_not_for_every_job(tmp_path):
     problems = _problems(tmp_path, "defaults: {steps: x}\njobs: [{prompt: a}, {prompt: b}]\n")
     assert problems == ["defaults.steps (line 1): must be an integer in [1, 1000], got 'x'"]

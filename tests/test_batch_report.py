@@ -93,3 +93,18 @@ def test_report_command(out, tmp_path, capsys):
     assert capsys.readouterr().out.split() == [str(out / "report.html"), str(out / "contact-sheet.png")]
     assert cli.main(["report", str(tmp_path)]) == 1
     assert "no jobs recorded" in capsys.readouterr().err
+
+
+def test_records_finished_out_of_order_are_shown_in_job_file_order(out, tmp_path):
+    """With several webuis the manifest holds the jobs as they finished; their index puts them back."""
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    records = Manifest(out).records()
+    assert [r["index"] for r in records] == list(range(len(records)))
+    for record in reversed(records):
+        Manifest(shuffled).append(record)
+    assert [s.settings for s in sweeps(Manifest(shuffled))] == [s.settings for s in sweeps(Manifest(out))]
+    for record in reversed([{k: v for k, v in r.items() if k != "index"} for r in records]):
+        Manifest(tmp_path / "old").append(record)  # an older manifest without index: manifest order
+    assert [s.title.split(" ")[0] for s in sweeps(Manifest(tmp_path / "old"))] == ["broken", "sweep"]
+    assert sweeps(Manifest(tmp_path / "old"))[1].settings == ["off", "off + hires x1.5", "RAU-Net", "full"]

@@ -255,12 +255,12 @@ def test_cli_exit_codes_and_messages(jobfile, tmp_path, capsys, monkeypatch):
 def test_cli_insecure_turns_off_certificate_verification(jobfile, tmp_path, monkeypatch):
     seen = {}
 
-    def fake_run(jobs, out, client, **kw):
-        seen["verify"] = client.session.verify
+    def fake_run(jobs, out, clients, **kw):  # the CLI passes the list of its --url clients
+        seen["verify"] = [client.session.verify for client in clients]
         raise WebuiError("stop here")
 
     monkeypatch.setattr(cli, "run", fake_run)
     cli.main(["run", str(jobfile), "--out", str(tmp_path), "--url", "https://127.0.0.1:1", "--insecure"])
-    assert seen == {"verify": False}
+    assert seen == {"verify": [False]}
     cli.main(["run", str(jobfile), "--out", str(tmp_path), "--url", "https://127.0.0.1:1"])
-    assert seen == {"verify": True}
+    assert seen == {"verify": [True]}

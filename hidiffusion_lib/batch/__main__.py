@@ -10,12 +10,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .client import Backoff, WebuiClient, WebuiError, parse_auth
-from .jobfile import JobFileError, load
+from .jobfile import JobFileError, load_file
 from .manifest import MANIFEST
 from .report import write_report
 from .runner import dry_run, run
+from .servers import duplicate
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+DEFAULT_URL = "http://127.0.0.1:7860"
 _INTERRUPTED = "Interrupted. The manifest is intact: run the same command again to resume."
 
 
@@ -26,12 +28,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run_cmd = commands.add_parser("run", help="run (or resume) a job file", description=(
-        "Run the jobs of JOBFILE not yet finished in --out. Run the same command again to resume."))
+        "Run the jobs of JOBFILE not yet finished in --out. Run the same command again to resume. "
+        "With several webuis (--url repeated, or the job file's servers list) each runs one job at a time "
+        "and they share the jobs."))
     run_cmd.add_argument("jobfile", type=Path, help="job file, YAML or JSON")
     run_cmd.add_argument("--out", type=Path, required=True, metavar="DIR",
                          help="output directory (images, manifest.jsonl)")
-    run_cmd.add_argument("--url", default="http://127.0.0.1:7860",
-                         help="webui address, http:// or https:// (default http://127.0.0.1:7860)")
+    run_cmd.add_argument("--url", action="append", metavar="URL",
+                         help="webui address, http:// or https://; repeat it to run on several webuis. "
+                         f"Replaces the job file's servers list (default: that list, else {DEFAULT_URL})")
     run_cmd.add_argument("--api-auth", metavar="USER:PASS", default=os.environ.get("WEBUI_API_AUTH"),
                          help="credentials of the webui's --api-auth (default: $WEBUI_API_AUTH)")
     run_cmd.add_argument("--insecure", action="store_true", help="accept a self-signed HTTPS certificate")
@@ -49,27 +54,35 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        jobs = load(args.jobfile)
+        jobfile = load_file(args.jobfile)
     except (JobFileError, OSError) as error:
         print(error, file=sys.stderr)
         return EXIT_USAGE
+    jobs = jobfile.jobs
     if args.dry_run:
         dry_run(jobs, args.out)
         return 0
+    urls = args.url or jobfile.servers or [DEFAULT_URL]
     try:
-        client = WebuiClient(
-            args.url,
-            auth=parse_auth(args.api_auth) if args.api_auth else None,
-            verify=not args.insecure,
-            timeout=args.timeout,
-            backoff=Backoff(retries=args.retries, base=args.backoff),
-            on_retry=lambda message: tqdm.write(message, file=sys.stderr),
-        )
+        clients = [
+            WebuiClient(
+                url,
+                auth=parse_auth(args.api_auth) if args.api_auth else None,
+                verify=not args.insecure,
+                timeout=args.timeout,
+                backoff=Backoff(retries=args.retries, base=args.backoff),
+                on_retry=lambda message: tqdm.write(message, file=sys.stderr),
+            )
+            for url in urls
+        ]
     except ValueError as error:
         print(error, file=sys.stderr)
         return EXIT_USAGE
+    if repeated := duplicate(urls):  # the job file's list is checked when it is read
+        print(f"--url {repeated} names a webui given before: give each webui once.", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        summary = run(jobs, args.out, client)
+        summary = run(jobs, args.out, clients)
     except WebuiError as error:
         print(error, file=sys.stderr)
         return EXIT_FAILED
@@ -81,6 +94,10 @@ def _run(args: argparse.Namespace) -> int:
         f"manifest: {args.out / MANIFEST}",
         file=sys.stderr,
     )
+    if len(clients) > 1:
+        shares = ", ".join(f"{client.label} {summary.servers.get(client.url, 0)}" for client in clients)
+        dropped = f"; dropped: {', '.join(summary.dropped)}" if summary.dropped else ""
+        print(f"jobs per webui: {shares}{dropped}", file=sys.stderr)
     if summary.interrupted:
         print(_INTERRUPTED, file=sys.stderr)
         return EXIT_INTERRUPTED

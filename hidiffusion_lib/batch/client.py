@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import requests
 
 from ..script_args import ARGS
-from .jobfile import SCRIPT_TITLE
+from .jobfile import SCRIPT_TITLE, url_problem
 
 _TRANSIENT_STATUS = (502, 503, 504)
 _TRANSIENT_ERRORS = (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)
@@ -113,10 +113,9 @@ class WebuiClient:
         backoff: Backoff = Backoff(),
         on_retry: Callable[[str], None] = lambda message: None,
     ):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"--url must be an http:// or https:// address such as http://127.0.0.1:7860, got {url!r}")
-        self.url = url.rstrip("/")
+        if problem := url_problem(url):
+            raise ValueError(f"--url {problem}")
+        self.url = url.strip().rstrip("/")
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.backoff = backoff
@@ -124,6 +123,12 @@ class WebuiClient:
         self.session = requests.Session()
         self.session.auth = auth
         self.session.verify = verify
+
+    @property
+    def label(self) -> str:
+        """The address without its scheme, for progress lines: ``127.0.0.1:7861``."""
+        parts = urlsplit(self.url)
+        return parts.netloc + parts.path
 
     def _send(
         self, method: str, path: str, body: dict | None, read_timeout: float, retries: int
@@ -149,7 +154,7 @@ class WebuiClient:
             if attempt >= retries:
                 raise _Unreachable(reason, attempt + 1)
             delay = self.backoff.delay(attempt)
-            self.on_retry(f"webui unavailable ({reason}); retry {attempt + 1}/{retries} in {delay:g} s")
+            self.on_retry(f"webui at {self.url} unavailable ({reason}); retry {attempt + 1}/{retries} in {delay:g} s")
             time.sleep(delay)
 
     def _auth_error(self) -> WebuiError:
@@ -163,10 +168,10 @@ class WebuiClient:
             "use a USER:PASS pair from its --api-auth flag."
         )
 
-    def check(self, img2img: bool = False) -> None:
-        """Before the first job: the webui answers, its API is on, and the extension takes the expected args."""
+    def _get(self, path: str, kind: type) -> object:
+        """The JSON of a GET before the first job, of type ``kind``; one attempt, WebuiError saying what to do."""
         try:
-            response, _, _ = self._send("GET", "/sdapi/v1/script-info", None, 60.0, retries=0)
+            response, _, _ = self._send("GET", path, None, 60.0, retries=0)
         except _Unreachable as error:
             raise WebuiError(
                 f"Cannot reach the webui at {self.url} ({error}): start it with --api "
@@ -181,14 +186,19 @@ class WebuiClient:
         if response.status_code == 404:
             raise WebuiError(f"The webui at {self.url} answers but its API is off: restart it with the --api flag.")
         try:
-            entries = response.json() if response.status_code == 200 else None
+            data = response.json() if response.status_code == 200 else None
         except ValueError:
-            entries = None
-        if not isinstance(entries, list):
+            data = None
+        if not isinstance(data, kind):
             raise WebuiError(
-                f"{self.url}/sdapi/v1/script-info answered HTTP {response.status_code} and not like the webui API "
+                f"{self.url}{path} answered HTTP {response.status_code} and not like the webui API "
                 f"({_detail(response)[:100]}): check --url."
             )
+        return data
+
+    def check(self, img2img: bool = False) -> None:
+        """Before the first job: the webui answers, its API is on, and the extension takes the expected args."""
+        entries = self._get("/sdapi/v1/script-info", list)
         for is_img2img in (False, True) if img2img else (False,):
             entry = next(
                 (
@@ -206,8 +216,7 @@ class WebuiClient:
                 )
             self._check_args([a.get("label") if isinstance(a, dict) else a for a in entry.get("args") or []])
 
-    @staticmethod
-    def _check_args(labels: list) -> None:
+    def _check_args(self, labels: list) -> None:
         expected = [a.label for a in ARGS]
         if labels == expected:
             return
@@ -217,9 +226,18 @@ class WebuiClient:
             index = next(i for i, (a, b) in enumerate(zip(labels, expected, strict=True)) if a != b)
             difference = f"names argument {index} {labels[index]!r} where this client expects {expected[index]!r}"
         raise WebuiError(
-            f"The webui's HiDiffusion extension {difference}: update the extension and this client "
-            "to the same version."
+            f"At {self.url}, the webui's HiDiffusion extension {difference}: update the extension "
+            "and this client to the same version."
         )
+
+    def loaded_checkpoint(self) -> str | None:
+        """The title of the checkpoint the webui has loaded (``sd_model_checkpoint``), None if it does not say."""
+        name = self._get("/sdapi/v1/options", dict).get("sd_model_checkpoint")
+        return name if isinstance(name, str) and name else None
+
+    def checkpoints(self) -> list[dict]:
+        """The webui's checkpoints (``/sdapi/v1/sd-models``: title, model_name, hash, sha256, filename)."""
+        return [m for m in self._get("/sdapi/v1/sd-models", list) if isinstance(m, dict)]
 
     def generate(self, mode: str, payload: dict) -> Generation:
         """Run one job (``mode`` is txt2img or img2img); raises JobError or WebuiError."""

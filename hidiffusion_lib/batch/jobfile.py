@@ -1,7 +1,8 @@
 """The job file: its schema, validation that names each bad field and its position, grid expansion.
 
 A job file (YAML or JSON) is a mapping with ``jobs`` (a list of entries), optional ``defaults``
-(fields applied under every entry) and optional ``version: 1``. An entry sets fields of FIELDS
+(fields applied under every entry), optional ``servers`` (webui addresses that share the jobs) and
+optional ``version: 1``. An entry sets fields of FIELDS
 and may hold ``grid``, a mapping from field name to a list of values: the entry expands to the
 cartesian product, in the order the axes are written, the last varying fastest.
 """
@@ -17,6 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -32,6 +34,7 @@ _MODE_KEYS = {re.sub(r"[\s_-]", "", mode.lower()): mode for mode in MODES} | {
     "on": "full", "none": "off", "false": "off", "true": "full",
 }
 _SIZE = re.compile(r"(\d+)\s*[x×]\s*(\d+)", re.IGNORECASE)
+_TOP_KEYS = ("version", "defaults", "servers", "jobs")
 
 
 class JobFileError(ValueError):
@@ -216,6 +219,25 @@ def _unknown(key: object, known) -> str:
     return f"unknown field {key!r}: {hint}known: {', '.join(known)}"
 
 
+def url_problem(url: object) -> str | None:
+    """Why ``url`` is not a webui address (``must be ...``), or None when it is one."""
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"must be an http:// or https:// address such as http://127.0.0.1:7860, got {url!r}"
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        return f"must have a port number in [0, 65535], got {url!r}"
+    return None
+
+
+def server_key(url: str) -> tuple:
+    """What makes two addresses one webui: scheme, host and port (the default one when left out), and path."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port, parts.path.rstrip("/")
+
+
 def setting_label(spec: dict) -> str:
     """The column of a job in a sweep: its HiDiffusion setting, plus hires fix when on."""
     label = spec["hidiffusion"]["label"]
@@ -243,6 +265,12 @@ class Job:
     @property
     def mode(self) -> str:
         return self.spec["mode"]
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The checkpoint the job pins (``override_settings.sd_model_checkpoint``), or None."""
+        name = self.spec["override_settings"].get("sd_model_checkpoint")
+        return name if isinstance(name, str) and name.strip() else None
 
     def cost(self) -> int:
         """Relative work (pixel-steps), for the progress bar's ETA."""
@@ -368,14 +396,49 @@ def _cross_check(spec: dict, path: tuple, base: Path, problems: _Problems) -> Pa
     return init_path
 
 
+def _servers(raw: object, problems: _Problems) -> list[str]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw:
+        problems.add(("servers",), f"must be a non-empty list of webui addresses, got {raw!r}")
+        return []
+    servers: list[str] = []
+    seen: dict[tuple, int] = {}
+    for index, url in enumerate(raw):
+        if problem := url_problem(url):
+            problems.add(("servers", index), problem)
+            continue
+        key = server_key(url)
+        if key in seen:
+            problems.add(("servers", index), f"repeats servers[{seen[key]}] ({raw[seen[key]]}): give each webui once")
+            continue
+        seen[key] = index
+        servers.append(url.strip())
+    return servers
+
+
+@dataclass(frozen=True)
+class JobFile:
+    """A checked job file: its jobs in file order, and its ``servers`` (empty when it names none)."""
+
+    jobs: list[Job]
+    servers: list[str]
+
+
 def expand(data: object, source: str, base: Path, lines: dict[tuple, int] | None = None) -> list[Job]:
     """Jobs of a parsed job file, in file order; raises JobFileError listing every problem."""
+    return expand_file(data, source, base, lines).jobs
+
+
+def expand_file(data: object, source: str, base: Path, lines: dict[tuple, int] | None = None) -> JobFile:
+    """Jobs and servers of a parsed job file (``source`` names it in messages, ``base`` is the folder
+    init images are relative to, ``lines`` the line of each path); raises JobFileError listing every problem."""
     problems = _Problems(lines or {})
     if not isinstance(data, dict):
         raise JobFileError(source, [f"(top level): must be a mapping with a 'jobs' list, got {data!r}"])
     for key in data:
-        if key not in ("version", "defaults", "jobs"):
-            problems.add((key,), _unknown(key, ("version", "defaults", "jobs")))
+        if key not in _TOP_KEYS:
+            problems.add((key,), _unknown(key, _TOP_KEYS))
     if data.get("version", 1) != 1:
         problems.add(("version",), f"must be 1, got {data['version']!r}")
     defaults, default_grid = _entry(data.get("defaults", {}), ("defaults",), problems)
@@ -386,7 +449,7 @@ def expand(data: object, source: str, base: Path, lines: dict[tuple, int] | None
         entries = []
     jobs: dict[str, Job] = {}
     for index, raw in enumerate(entries):
-        path, source = ("jobs", index), f"jobs[{index}]"
+        path, where = ("jobs", index), f"jobs[{index}]"
         known = len(problems.items)
         fields, grid = _entry(raw, path, problems)
         if len(problems.items) > known or not defaults_valid:  # checks between fields would repeat those problems
@@ -397,12 +460,13 @@ def expand(data: object, source: str, base: Path, lines: dict[tuple, int] | None
             spec = fields | dict(zip(axes, cell, strict=True))
             init_path = _cross_check(spec, path, base, problems)
             digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-            if digest in jobs and jobs[digest].source != source:
+            if digest in jobs and jobs[digest].source != where:
                 problems.add(path, f"repeats an image of {jobs[digest].source} (same fields after defaults and grid)")
-            jobs[digest] = Job(digest, source, spec, init_path)
+            jobs[digest] = Job(digest, where, spec, init_path)
+    servers = _servers(data.get("servers"), problems)  # after the jobs: its problems do not hide theirs
     if problems.items:
         raise JobFileError(source, list(problems.items))
-    return list(jobs.values())
+    return JobFile(list(jobs.values()), servers)
 
 
 def _lines(node: yaml.Node | None, path: tuple = ()) -> dict[tuple, int]:
@@ -423,6 +487,11 @@ def _lines(node: yaml.Node | None, path: tuple = ()) -> dict[tuple, int]:
 
 def load(path: Path) -> list[Job]:
     """Read, validate and expand a job file (``.json``: JSON; anything else: YAML)."""
+    return load_file(path).jobs
+
+
+def load_file(path: Path) -> JobFile:
+    """Read, validate and expand a job file, with its ``servers``."""
     is_json = path.suffix.lower() == ".json"
     try:
         text = path.read_text(encoding="utf-8")
@@ -433,4 +502,4 @@ def load(path: Path) -> list[Job]:
         lines = _lines(yaml.compose(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError:
         lines = {}
-    return expand(data, str(path), path.parent, lines)
+    return expand_file(data, str(path), path.parent, lines)

@@ -58,9 +58,13 @@ class Sweep:
 
 
 def sweeps(manifest: Manifest) -> list[Sweep]:
-    """The sweeps of the latest record of every job, in manifest order."""
+    """The sweeps of the latest record of every job, in job-file order when every record has its
+    ``index`` (runs on several webuis record jobs as they finish), else in manifest order."""
     found: dict[str, Sweep] = {}
-    for record in manifest.latest().values():
+    records = list(manifest.latest().values())
+    if all(isinstance(record.get("index"), int) for record in records):
+        records.sort(key=lambda record: record["index"])
+    for record in records:
         spec = record["spec"]
         key = json.dumps({k: v for k, v in spec.items() if k not in SWEEP_AXES}, sort_keys=True)
         if key not in found:

@@ -1,33 +1,47 @@
-"""Running jobs against the webui: skip finished ones, save each image, record each job in the manifest."""
+"""Running jobs on one webui or several: skip finished ones, save each image, record each job in the manifest.
+
+Each webui gets a worker thread that runs one job at a time and saves its images. The main thread
+hands out the jobs, appends the manifest (the one record, so nothing else writes it) and shows the
+progress. A webui that stops answering is dropped and its job goes back to the queue for another;
+a job the webui refuses is recorded as failed, as with one webui.
+"""
 
 from __future__ import annotations
 
 import io
+import queue
 import re
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
-from .client import Generation, JobError, WebuiClient
+from .client import Generation, JobError, WebuiClient, WebuiError
 from .jobfile import Job, output_size, setting_label
 from .manifest import Manifest, write_atomic
+from .servers import check_servers, duplicate
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass
 class Summary:
-    """What a run did; ``interrupted`` is set by Ctrl-C."""
+    """What a run did; ``interrupted`` is set by Ctrl-C. ``servers``: jobs recorded per webui address;
+    ``dropped``: the webuis that stopped answering, with the reason."""
 
     done: int = 0
     failed: int = 0
     skipped: int = 0
     interrupted: bool = False
+    servers: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
 
 
 def _slug(text: str) -> str:
@@ -73,9 +87,61 @@ def _save(job: Job, generation: Generation, out: Path) -> list[dict]:
     return files
 
 
-def _attempt(job: Job, out: Path, client: WebuiClient) -> dict:
-    """Run one job; the manifest record of its outcome. WebuiError and KeyboardInterrupt pass through."""
-    record = {"id": job.id, "source": job.source, "spec": job.spec}
+class _Abandoned(Exception):
+    """The run stopped while the webui worked on this job: its result is not kept."""
+
+
+class _Worker:
+    """The thread of one webui: runs the jobs put in ``inbox`` one at a time and posts each outcome to
+    ``events``: ("record", worker, record), ("lost", worker, WebuiError), ("crash", worker, exception),
+    or ("retrying", worker, message) while the client retries."""
+
+    def __init__(self, client: WebuiClient, out: Path, events: queue.SimpleQueue, stop: threading.Event):
+        self.client = client
+        self.out = out
+        self.events = events
+        self.stop = stop
+        self.inbox: queue.SimpleQueue[tuple[int, Job] | None] = queue.SimpleQueue()
+        # Held while the images are written, so that the run waits for a save under way before returning:
+        # a result that arrives after that is dropped, never half saved.
+        self.saving = threading.Lock()
+        self.on_retry = client.on_retry
+        client.on_retry = self._retrying
+        # A daemon: Ctrl-C abandons a request in flight instead of waiting for the webui.
+        threading.Thread(target=self._loop, name=f"batch {client.label}", daemon=True).start()
+
+    def _retrying(self, message: str) -> None:
+        self.events.put(("retrying", self, message))
+        self.on_retry(message)
+
+    def _loop(self) -> None:
+        while (item := self.inbox.get()) is not None:
+            try:
+                record = _attempt(*item, self.out, self.client, self)
+            except _Abandoned:
+                return
+            except WebuiError as error:
+                self.events.put(("lost", self, error))
+                return
+            except BaseException as error:  # raised again in the main thread
+                self.events.put(("crash", self, error))
+                return
+            self.events.put(("record", self, record))
+
+    def close(self) -> None:
+        """No more jobs; returns once no save is under way."""
+        self.inbox.put(None)
+        with self.saving:
+            pass
+        self.client.on_retry = self.on_retry
+
+
+def _attempt(index: int, job: Job, out: Path, client: WebuiClient, worker: _Worker) -> dict:
+    """Run one job (``index``: its position in the job file); the manifest record of its outcome.
+    WebuiError and KeyboardInterrupt pass through; _Abandoned when the run stopped while the webui
+    worked on it."""
+    # The index keeps the report in job-file order: with several webuis the records come in any order.
+    record = {"id": job.id, "index": index, "source": job.source, "server": client.url, "spec": job.spec}
     started = time.monotonic()
     try:
         try:
@@ -83,7 +149,10 @@ def _attempt(job: Job, out: Path, client: WebuiClient) -> dict:
         except OSError as error:
             raise JobError(f"cannot read init_image: {error}") from None
         generation = client.generate(job.mode, payload)
-        files = _save(job, generation, out)
+        with worker.saving:
+            if worker.stop.is_set():
+                raise _Abandoned
+            files = _save(job, generation, out)
     except JobError as error:
         return record | {"status": "failed", "error": str(error), "seconds": round(time.monotonic() - started, 3),
                          "finished_at": _now()}
@@ -123,43 +192,118 @@ def dry_run(jobs: list[Job], out: Path) -> None:
     print(f"{len(jobs)} jobs: {len(jobs) - to_run} finished in {out}, {to_run} to run.")
 
 
-def run(jobs: list[Job], out: Path, client: WebuiClient, *, progress: bool = True) -> Summary:
-    """Run the jobs not yet finished in ``out``. Ctrl-C stops between two manifest lines and is
-    reported in the summary; WebuiError (the webui is unusable) propagates."""
+class _Board:
+    """The progress bar: jobs recorded, and with several webuis what each one does (busy with a job,
+    idle, retrying, dropped)."""
+
+    def __init__(self, clients: Sequence[WebuiClient], todo: list[Job], progress: bool):
+        self.total = len(todo)
+        self.recorded = self.failed = 0
+        self.states = {client.label: "idle" for client in clients} if len(clients) > 1 else {}
+        self.bar = tqdm(
+            total=sum(job.cost() for job in todo),
+            desc="HiDiffusion batch",
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
+            file=sys.stderr,
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        self._show()
+
+    def _show(self, refresh: bool = True) -> None:
+        text = f"{self.recorded}/{self.total} jobs" + (f", {self.failed} failed" if self.failed else "")
+        if self.states:
+            text += " | " + ", ".join(f"{label} {state}" for label, state in self.states.items())
+        self.bar.set_postfix_str(text, refresh=refresh)
+
+    def state(self, client: WebuiClient, state: str) -> None:
+        if client.label in self.states and self.states[client.label] != state:
+            self.states[client.label] = state
+            self._show()
+
+    def recorded_job(self, job: Job, failed: bool) -> None:
+        self.recorded += 1
+        self.failed += failed
+        self._show(refresh=False)
+        self.bar.update(job.cost())
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run(
+    jobs: list[Job], out: Path, clients: WebuiClient | Sequence[WebuiClient], *, progress: bool = True
+) -> Summary:
+    """Run the jobs not yet finished in ``out`` on ``clients`` (one webui or several, which share the
+    jobs, one job at a time each); ``progress`` shows the bar. Every webui is checked first
+    (check_servers). Ctrl-C stops between two manifest lines and is reported in the summary;
+    WebuiError (no webui left that answers, or a check failed) propagates."""
+    clients = [clients] if isinstance(clients, WebuiClient) else list(clients)
+    if not clients or (repeated := duplicate([client.url for client in clients])):
+        raise ValueError(f"give each webui once: {repeated}" if clients else "no webui to run on")
     manifest = Manifest(out)
     finished = manifest.finished()
     todo = [job for job in jobs if job.id not in finished]
     summary = Summary(skipped=len(jobs) - len(todo))
     if not todo:
         return summary
-    client.check(img2img=any(job.mode == "img2img" for job in todo))
-    bar = tqdm(
-        total=sum(job.cost() for job in todo),
-        desc="HiDiffusion batch",
-        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
-        file=sys.stderr,
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    bar.set_postfix_str(f"0/{len(todo)} jobs")
+    check_servers(clients, todo)
+    index = {job.id: i for i, job in enumerate(jobs)}
+    board = _Board(clients, todo, progress)
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+    workers: list[_Worker] = []
+    pending, busy = deque(todo), {}
     warned: set[str] = set()
     try:
-        for job in todo:
-            record = _attempt(job, out, client)
-            manifest.append(record)
-            if record.get("warning") and record["warning"] not in warned:
-                warned.add(record["warning"])
-                tqdm.write(f"note: {record['warning']}", file=sys.stderr)
-            if record["status"] == "done":
+        workers += [_Worker(client, out, events, stop) for client in clients]
+        idle = deque(workers)
+        while pending or busy:
+            while pending and idle:
+                worker, job = idle.popleft(), pending.popleft()
+                busy[worker] = job
+                worker.inbox.put((index[job.id], job))
+                board.state(worker.client, f"busy {job.id[:6]}…")
+            try:
+                # A timeout, so that Ctrl-C reaches this thread on every platform.
+                kind, worker, value = events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if kind == "retrying":
+                board.state(worker.client, "retrying")
+                continue
+            if kind == "crash":  # KeyboardInterrupt from a callback, or a bug: as it would with one thread
+                raise value
+            job = busy.pop(worker)
+            if kind == "lost":
+                pending.appendleft(job)  # made next, by the first webui free
+                summary.dropped[worker.client.url] = str(value)
+                board.state(worker.client, "dropped")
+                if not idle and not busy:
+                    raise value if len(clients) == 1 else WebuiError(
+                        "No webui is left to run the jobs on:\n  " + "\n  ".join(summary.dropped.values())
+                    )
+                tqdm.write(f"{worker.client.label} dropped, its job goes to another webui: {value}", file=sys.stderr)
+                continue
+            manifest.append(value)
+            summary.servers[worker.client.url] = summary.servers.get(worker.client.url, 0) + 1
+            idle.append(worker)
+            if not pending:  # else it is busy again at once
+                board.state(worker.client, "idle")
+            if value.get("warning") and value["warning"] not in warned:
+                warned.add(value["warning"])
+                tqdm.write(f"note: {value['warning']}", file=sys.stderr)
+            if value["status"] == "done":
                 summary.done += 1
             else:
                 summary.failed += 1
-                tqdm.write(f"failed: {describe(job)}\n  {record['error']}", file=sys.stderr)
-            failed = f", {summary.failed} failed" if summary.failed else ""
-            bar.set_postfix_str(f"{summary.done + summary.failed}/{len(todo)} jobs{failed}", refresh=False)
-            bar.update(job.cost())
+                tqdm.write(f"failed: {describe(job)}\n  {value['error']}", file=sys.stderr)
+            board.recorded_job(job, value["status"] != "done")
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
-        bar.close()
+        stop.set()
+        for worker in workers:
+            worker.close()
+        board.close()
     return summary
