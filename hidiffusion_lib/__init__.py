@@ -20,7 +20,7 @@ _EXPORTS = {
     ".controlnet": ("control_latent_size", "install_control", "remove_control"),
     ".schedule": ("CONTROL_SHARE", "CONTROLNET_PRESETS", "PRESETS", "Schedule", "active_switches", "gated",
                   "heunpp2_calls", "preset_for", "resolve", "step_of_call", "step_of_calls",
-                  "step_of_progress"),
+                  "step_of_progress", "switch_table"),
     ".state": ("Forward",),
     ".settings": ("ARCHES", "RAU_MODES", "SHIFT_POLICIES", "Settings"),
 }

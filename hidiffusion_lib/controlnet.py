@@ -66,7 +66,7 @@ def install_control(control_model: nn.Module, handle: HiDiffusionHandle, recipe:
     remove_control(control_model)
     previous = control_model.__dict__.get("forward")
     state = handle.state
-    native = state.detected.block_map.native_latent
+    native = handle.native_latent
     last: list[tuple[torch.Size, torch.dtype, torch.device]] = []
 
     def forward(*args, **kwargs):

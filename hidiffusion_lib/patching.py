@@ -57,9 +57,15 @@ class HiDiffusionHandle:
         """The ratios this patch uses at a latent size."""
         return resolve(self.settings, self.arch, latent_h, latent_w, self.state.detected.inpaint)
 
+    @property
+    def native_latent(self) -> int:
+        """The latent side of the model's training size: ``settings.native_size`` where the host
+        said (SD 2.x 768-v: 96), else the block map's (64 for SD 1.x/2.x, 128 for SDXL)."""
+        return self.settings.native_size or self.state.detected.block_map.native_latent
+
     def gated_at(self, latent_h: int, latent_w: int) -> bool:
         """Whether the native-resolution gate leaves a forward at this latent size vanilla."""
-        return gated(self.settings, self.state.detected.block_map.native_latent, latent_h, latent_w)
+        return gated(self.settings, self.native_latent, latent_h, latent_w)
 
     def remove(self) -> None:
         """Restore the U-Net exactly; safe to call twice."""

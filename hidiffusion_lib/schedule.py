@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .blockmap import BLOCK_MAPS
 from .settings import Settings
 
 # name -> (T1 ratio, T2 ratio), from hidiffusion 0.1.10's switching_threshold_ratio_dict
@@ -46,7 +47,8 @@ def preset_for(arch: str, latent_h: int, latent_w: int) -> str:
 
 def resolve(settings: Settings, arch: str, latent_h: int, latent_w: int, inpaint: bool = False) -> Schedule:
     """Ratios for this size: the preset's (its ControlNet ratios with ``settings.controlnet``),
-    overridden by ``settings.t1``/``t2``/``aggressive``."""
+    overridden by ``settings.t1``/``t2``/``aggressive``. T2 is 0 for a block map without an
+    extra switch (SDXL-Turbo, as the authors' sdxl_turbo keys have none), whatever was asked."""
     preset = preset_for(arch, latent_h, latent_w)
     t1, t2 = PRESETS[preset]
     if settings.controlnet:
@@ -54,11 +56,13 @@ def resolve(settings: Settings, arch: str, latent_h: int, latent_w: int, inpaint
     aggressive = settings.aggressive
     if aggressive is None:
         aggressive = preset == "sdxl_2048" and not inpaint
+    if settings.t2 is not None:
+        t2 = float(settings.t2)
     return Schedule(
         preset,
         t1 if settings.t1 is None else float(settings.t1),
-        t2 if settings.t2 is None else float(settings.t2),
-        aggressive and arch == "sdxl",
+        t2 if BLOCK_MAPS[arch].extra is not None else 0.0,
+        aggressive and arch == "sdxl",  # the authors set the split for SDXL only, never for Turbo
     )
 
 
@@ -77,6 +81,12 @@ def active_switches(schedule: Schedule, step: int, steps: int | None) -> tuple[b
         handover = int(AGGRESSIVE_STEP / 50 * steps)
         return handover <= step < int(steps * schedule.t1), step < handover
     return step < int(steps * schedule.t1), step < int(steps * schedule.t2)
+
+
+def switch_table(schedule: Schedule, steps: int) -> list[tuple[bool, bool]]:
+    """(main, extra) at every step of a ``steps``-step pass: which steps RAU-Net changes.
+    Few-step models show the rule's edges: at 1 step int(1 * 0.5) = 0, so no switch runs."""
+    return [active_switches(schedule, step, steps) for step in range(steps)]
 
 
 def step_of_call(call: int, steps: int, total_calls: int) -> int:

@@ -17,7 +17,8 @@ from .settings import RAU_MODES, SHIFT_POLICIES, Settings
 
 AUTO_RATIO = -1.0
 AUTO = "auto"
-# What the ratio dropdowns offer: every one is a value the script accepts (finer ones by API / X/Y/Z).
+# What the ratio dropdowns list: every one is a value the script accepts. They take typed and
+# pasted values too (e.g. 0.45), which parse() checks like an API value.
 RATIO_CHOICES = (AUTO, *(f"{tenth / 10:g}" for tenth in range(11)))
 MODEL_CHOICES = {"Auto": None, "SD 1.x": "sd1", "SD 2.x": "sd2", "SDXL": "sdxl", "SDXL-Turbo/Lightning": "sdxl_turbo"}
 MODEL_LABELS = {arch: label for label, arch in MODEL_CHOICES.items() if arch}
@@ -69,9 +70,11 @@ ARGS: tuple[Arg, ...] = (
     Arg("model", "Model preset", "choice", "Auto", tuple(MODEL_CHOICES), infotext="HiDiffusion model",
         hint="Block map and ratios; Auto reads the loaded model. SDXL-Turbo/Lightning cannot be detected."),
     Arg("t1", "T1 ratio", "ratio", AUTO, infotext="HiDiffusion T1",
-        hint="Fraction of the steps with the main RAU-Net switch on; auto takes the authors' preset."),
+        hint="Fraction of the steps with the main RAU-Net switch on; auto takes the authors' preset. Type any"
+             " value in [0, 1], e.g. 0.45."),
     Arg("t2", "T2 ratio", "ratio", AUTO, infotext="HiDiffusion T2",
-        hint="Fraction of the steps with the extra RAU-Net switch on (2048+ px); auto takes the preset."),
+        hint="Fraction of the steps with the extra RAU-Net switch on (2048+ px); auto takes the preset. Type any"
+             " value in [0, 1]."),
     Arg("aggressive", "Aggressive (SDXL)", "choice", "Auto", tuple(AGGRESSIVE_CHOICES),
         infotext="HiDiffusion aggressive",
         hint="SDXL below 4096 px: the extra switch first, then the main one. Auto follows the authors."),
@@ -86,7 +89,8 @@ ARGS: tuple[Arg, ...] = (
         hint="Also run HiDiffusion in the hires fix second pass.", in_settings=True),
     Arg("native_gate", "Skip at native resolution", "bool", True, infotext="HiDiffusion native gate",
         hint="Do nothing when the image's area is not larger than the model's training size (512x512 for SD 1.x/2.x,"
-             " 1024x1024 for SDXL, whose buckets such as 832x1216 count too).", in_settings=True),
+             " 768x768 for SD 2.x 768-v, 1024x1024 for SDXL, whose buckets such as 832x1216 count too).",
+        in_settings=True),
     Arg("controlnet_recipe", "ControlNet recipe", "bool", True, infotext="HiDiffusion ControlNet recipe",
         hint="With a ControlNet unit on: run it at the model's training size and, unless you moved the unit's"
              " Ending Control Step, for the first 60% of the steps, as the authors do (faster, follows the"
@@ -219,9 +223,13 @@ def infotext(args: ScriptArgs, schedule: Schedule | None = None) -> dict[str, ob
 
 
 def ui_value(arg: Arg, value: object) -> object:
-    """A parsed value as its control shows it (ratios: "auto" or "0.5")."""
+    """A parsed value as its control shows it (ratios: "auto", "0.5", "0.45", exactly the value:
+    a listed choice where it is one, never rounded to one)."""
     if arg.kind == "ratio":
-        return AUTO if value is None else f"{value:g}"
+        if value is None:
+            return AUTO
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
     return value
 
 
@@ -256,14 +264,45 @@ SKIPPED_KEY = "HiDiffusion skipped"
 REFINER_KEY = "HiDiffusion refiner"
 REFINER_NOTE = "off: the refiner's steps ran without HiDiffusion"
 CONTROLNET_KEY = "HiDiffusion ControlNet"
-FAMILY_SIZES = {"sd1": ("SD 1.x", 512), "sd2": ("SD 2.x", 512), "sdxl": ("SDXL", 1024), "sdxl_turbo": ("SDXL", 1024)}
+# Model families, as the host adapters report them (hidiffusion_lib.hosts.family_of) or as the
+# engine's architecture names them: (the user's name, the side in px of the square it was trained
+# at, the engine architecture; None: not a U-Net HiDiffusion has a block map for). SD 2.x 768-v
+# takes the SD 2.x block map and presets, as the authors' package takes SD 2.1 768-v (by its
+# module names, as SD 1.5, at the same latent-size thresholds); only its training size differs.
+FAMILIES: dict[str, tuple[str, int, str | None]] = {
+    "sd1": ("SD 1.x", 512, "sd1"),
+    "sd2": ("SD 2.x", 512, "sd2"),
+    "sd2_768v": ("SD 2.x 768-v", 768, "sd2"),
+    "sdxl": ("SDXL", 1024, "sdxl"),
+    "sdxl_turbo": ("SDXL", 1024, "sdxl_turbo"),
+    "sd3": ("SD3 (MMDiT)", 1024, None),
+}
 
 
-def skipped_note(pass_name: str, width: int, height: int, arch: str) -> str:
-    """Why a pass ran without HiDiffusion at the model's training size."""
-    family, side = FAMILY_SIZES[arch]
-    return (f"{pass_name} at {width}x{height}: not larger than {family}'s training size ({side}x{side} in area),"
+def skipped_note(pass_name: str, width: int, height: int, family: str) -> str:
+    """Why a pass ran without HiDiffusion at the model's training size; ``family``: a key of FAMILIES."""
+    name, side, _ = FAMILIES[family]
+    return (f"{pass_name} at {width}x{height}: not larger than {name}'s training size ({side}x{side} in area),"
             " so it ran unchanged")
+
+
+def unsupported_name(error: Exception, family: str | None, unet: object) -> str:
+    """How the notes name a loaded model the engine refused (``error``, an UnsupportedUNet);
+    ``family``: what the host reported, ``unet``: the module it handed over."""
+    from .detection import RefinerUNet  # torch only where a model is at hand
+
+    if isinstance(error, RefinerUNet):
+        return "the SDXL refiner"
+    if family in FAMILIES and FAMILIES[family][2] is None:
+        return FAMILIES[family][0]
+    if hasattr(unet, "input_blocks"):  # a U-Net whose blocks are not where a block map wants them
+        return f"this {type(unet).__name__} ({error})"
+    return f"this {type(unet).__name__}"
+
+
+def unsupported_note(pass_name: str, name: str) -> str:
+    """Why a pass ran without HiDiffusion on a model it has no block map for (Model preset Auto)."""
+    return f"{pass_name}: {name} is not a U-Net HiDiffusion has a block map for; it ran unchanged"
 
 
 def controlnet_note(units: int, recipe: bool, control_size: tuple[int, int] | None, shares: list[bool]) -> str:
@@ -278,18 +317,20 @@ def controlnet_note(units: int, recipe: bool, control_size: tuple[int, int] | No
     return f"{units} unit(s): recipe, {where} ({steps}); {fitted}"
 
 
-def unsupported_message(error: Exception, model: str) -> str:
-    """What to tell the user when the engine refuses the loaded model; ``model`` is the
-    Model preset they chose."""
-    from .detection import ArchMismatch, RefinerUNet  # torch only where a model is at hand
+def unsupported_message(error: Exception, model: str, name: str) -> str:
+    """Why a generation is refused: the Model preset ``model`` the user chose does not fit the
+    loaded model (with Auto, a model without a block map is skipped instead: unsupported_note);
+    ``name``: the model as unsupported_name names it."""
+    from .detection import ArchMismatch, UnsupportedUNet  # torch only where a model is at hand
 
     if isinstance(error, ArchMismatch):
         allowed = [MODEL_LABELS[arch] for arch in error.allowed]
         return (f'HiDiffusion: Model preset "{model}" does not fit the loaded model, which is {error.family}; '
                 f"choose Auto, {', '.join(allowed[:-1])} or {allowed[-1]}")
-    if isinstance(error, RefinerUNet):
-        return ("HiDiffusion cannot run on an SDXL refiner model (it supports SD 1.x, SD 2.x, SDXL and "
-                "SDXL-Turbo/Lightning); untick HiDiffusion for this model")
+    if isinstance(error, UnsupportedUNet):
+        return (f'HiDiffusion: Model preset "{model}" does not fit the loaded model: {name} is not a U-Net '
+                "HiDiffusion has a block map for; choose Auto (the generation then runs without HiDiffusion) "
+                "or untick HiDiffusion")
     return f"HiDiffusion cannot run on this model: {error}"
 
 

@@ -73,20 +73,12 @@ def _unet(p):
     return hosts.host_of(p.sd_model).unet(p.sd_model)
 
 
-def _model_arch(sd_model) -> str | None:
-    if getattr(sd_model, "is_sdxl", False):
-        return "sdxl"
-    if getattr(sd_model, "is_sd2", False):
-        return "sd2"
-    if getattr(sd_model, "is_sd1", False):
-        return "sd1"
-    return None
-
-
 def _refuse(unet, error: sa.ArgError) -> None:
     """Fail the generation with ``error`` at the first U-Net call: the webui swallows
     exceptions raised in script hooks, but one raised by the model reaches the API caller
     (as HTTP 422, see ArgError) and the UI, instead of a silently different image."""
+    if unet is None:  # no module to call: the webui prints what a script hook raises
+        raise error
 
     def hook(module, args):
         hd.remove(module)
@@ -155,9 +147,12 @@ class HiDiffusionScript(scripts.Script):
             _note_refiner(p)
             return
         settings = parsed.settings()  # shifts by step alone: image k of a batch == its seed alone
-        if settings.arch is None:
-            settings.arch = _model_arch(p.sd_model)
         host = hosts.host_of(p.sd_model)
+        family = host.family(p.sd_model)
+        if family in sa.FAMILIES:
+            _, side, arch = sa.FAMILIES[family]
+            settings.arch = settings.arch or arch
+            settings.native_size = side // 8  # the model's, whatever the preset (SD 2.x 768-v: 96)
         aside = host.step_aside(p, shared.opts)
         if aside.whole is not None:
             _skip(p, parsed, f"{pass_name}: {aside.whole}")
@@ -173,15 +168,22 @@ class HiDiffusionScript(scripts.Script):
         text_to_image = pass_name == "first pass" and not hasattr(p, "init_images")
         settings.controlnet = bool(units) and parsed.controlnet_recipe and text_to_image
         try:
-            handle = hd.apply(unet, settings)
-        except (hd.UnsupportedUNet, ValueError) as error:
-            _refuse(unet, sa.ArgError(sa.unsupported_message(error, parsed.model)))
+            handle = hd.apply(unet, settings)  # refuses before patching anything
+        except hd.UnsupportedUNet as error:
+            name = sa.unsupported_name(error, family, unet)
+            if parsed.model == "Auto":  # e.g. the checkbox stayed ticked after a switch to SD3
+                _skip(p, parsed, sa.unsupported_note(pass_name, name))
+            else:  # the user asked for a block map this model does not have
+                _refuse(unet, sa.ArgError(sa.unsupported_message(error, parsed.model, name)))
+            return
+        except ValueError as error:
+            _refuse(unet, sa.ArgError(sa.unsupported_message(error, parsed.model, "")))
             return
         latent = kwargs.get("x")
         h, w = latent.shape[-2:] if latent is not None else (p.height // 8, p.width // 8)
         if handle.gated_at(h, w):
             handle.remove()
-            _skip(p, parsed, sa.skipped_note(pass_name, 8 * w, 8 * h, handle.arch))
+            _skip(p, parsed, sa.skipped_note(pass_name, 8 * w, 8 * h, family if family in sa.FAMILIES else handle.arch))
             return
         _Run.handle, _Run.p, _Run.hires = handle, p, bool(getattr(p, "is_hr_pass", False))
         p.extra_generation_params.update(sa.infotext(parsed, handle.schedule_for(h, w)))
@@ -201,7 +203,9 @@ def _component(name: str, tab: str):
     elif arg.kind == "int":
         component = gr.Radio(choices=list(arg.ui_choices()), value=value, label=arg.label, elem_id=elem_id)
     else:
-        component = gr.Dropdown(choices=list(arg.ui_choices()), value=value, label=arg.label, elem_id=elem_id)
+        # a ratio also takes a typed or pasted value (e.g. 0.45), which process() parses as the API's
+        component = gr.Dropdown(choices=list(arg.ui_choices()), value=value, label=arg.label, elem_id=elem_id,
+                                allow_custom_value=arg.kind == "ratio")
     if arg.in_settings:
         # ui-config.json would pin the first launch's value over the Settings default forever
         component.do_not_save_to_config = True
@@ -241,7 +245,7 @@ def _install_controls(p, handle: hd.HiDiffusionHandle, units: list[hosts.Control
     for unit, share in zip(units, shares, strict=True):
         control.install_control(unit.model, handle, recipe=recipe, share=hd.CONTROL_SHARE if share else None)
         _Run.controls.append(unit.model)
-    size = control.control_latent_size(h, w, handle.state.detected.block_map.native_latent) if recipe else None
+    size = control.control_latent_size(h, w, handle.native_latent) if recipe else None
     note = f"{pass_name}: {sa.controlnet_note(len(units), recipe, size, shares)}"
     _add_note(p, sa.CONTROLNET_KEY, note)
     print(f"HiDiffusion ControlNet: {note}")

@@ -1,7 +1,8 @@
 """Stand-ins of the Forge objects that hidiffusion_lib.hosts.forge reads, to keep CI fast (the
 real Forge runs in tests/e2e/test_forge_e2e.py). Each mirrors Forge main dfdcbab6:
 
-- ``Patcher``: ``backend/patcher/unet.py`` ``UnetPatcher`` (``model.diffusion_model``,
+- ``Patcher``: ``backend/patcher/unet.py`` ``UnetPatcher`` (``model.diffusion_model`` and
+  ``model.predictor.prediction_type`` of its ``backend/modules/k_model.py`` KModel,
   ``controlnet_linked_list``, ``add_patched_controlnet``) with the ``model_options`` setters of
   ``backend/patcher/base.py`` that the built-ins call (``set_model_input_block_patch[_after_skip]``,
   ``set_model_output_block_patch``, ``set_model_unet_function_wrapper``,
@@ -9,8 +10,9 @@ real Forge runs in tests/e2e/test_forge_e2e.py). Each mirrors Forge main dfdcbab
 - ``ControlNet``: ``backend/patcher/controlnet.py`` (``control_model``,
   ``timestep_percent_range``, ``previous_controlnet``); ``T2IAdapter`` keeps ``t2i_model``.
 - ``apply_control``: ``backend/nn/unet.py``'s, which drops a residual of another size.
-- ``sd_model``: ``modules/sd_models.py``'s ``ForgeDiffusionEngine`` as a script sees it:
-  ``forge_objects.unet`` and the ``is_sd1`` / ``is_sd2`` / ``is_sdxl`` flags, no ``.model``.
+- ``sd_model``: ``backend/diffusion_engine/base.py``'s ``ForgeDiffusionEngine`` as a script sees
+  it: ``forge_objects.unet`` and the ``is_sd1`` / ``is_sd2`` / ``is_sdxl`` / ``is_sd3`` flags, no
+  ``.model``.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ def _mismatch(h: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
 
 
 class Patcher:
-    def __init__(self, unet: torch.nn.Module) -> None:
-        self.model = SimpleNamespace(diffusion_model=unet)
+    def __init__(self, unet: torch.nn.Module, prediction_type: str = "epsilon") -> None:
+        # backend/modules/k_prediction.py: "v_prediction" for SD 2.x 768-v (backend/loader.py)
+        self.model = SimpleNamespace(diffusion_model=unet, predictor=SimpleNamespace(prediction_type=prediction_type))
         self.model_options = {"transformer_options": {}}
         self.controlnet_linked_list = None
 
@@ -98,4 +101,4 @@ class T2IAdapter:
 
 def sd_model(patcher: Patcher, arch: str = "sd1") -> SimpleNamespace:
     return SimpleNamespace(forge_objects=SimpleNamespace(unet=patcher), is_sd1=arch == "sd1",
-                           is_sd2=arch == "sd2", is_sdxl=arch == "sdxl")
+                           is_sd2=arch == "sd2", is_sdxl=arch == "sdxl", is_sd3=arch == "sd3")

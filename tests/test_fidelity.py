@@ -89,6 +89,9 @@ def _cases() -> list[Case]:
         # other schedule lengths: int(8/50 * 13) = 2 steps of extra RAD; int(7 * 0.3) = 2
         Case("sdxl", "sdxl_2048", shift_index=1, steps=13),
         Case("sd1", "sd15_2048", shift_index=3, steps=7),
+        # few-step models: the aggressive hand-over at int(8/50 * 4) = 0 and int(8/50 * 8) = 1
+        *(Case("sdxl", "sdxl_2048", shift_index=1, steps=n) for n in (2, 4, 8)),
+        *(Case("sd1", "sd15_2048", shift_index=3, steps=n) for n in (2, 4)),
     ]
     return cases
 
@@ -195,6 +198,32 @@ def test_engine_on_forge_unet_matches_reference(forge_pairs, case: Case) -> None
 def test_forge_comparison_can_fail(forge_pairs) -> None:
     diffs = compare(forge_pairs, BASE, replace(BASE.settings(), shift_index=2))
     assert all(d > 100 * TOLERANCE for d in diffs), [f"{d:.1e}" for d in diffs]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 8])
+def test_turbo_preset_as_resolved_matches_reference(pairs, steps: int) -> None:
+    """The SDXL-Turbo/Lightning preset as the engine resolves it (only the arch given) against
+    the reference's own Turbo: its table's T1 and its package default is_aggressive_raunet (True),
+    which its Turbo blocks never read; at 1 step int(0.5) = 0 on both sides: no pool."""
+    case = Case("sdxl_turbo", "sdxl_turbo_1024", (32, 48), shift_index=2, aggressive=hd.is_aggressive_raunet,
+                steps=steps)
+    assert case.ratios() == (0.5, 0.0, True)
+    diffs = compare(pairs, case, Settings(arch="sdxl_turbo", shift="fixed", shift_index=2))
+    print(f"{case.id}: max {max(diffs):.1e}")
+    assert max(diffs) <= TOLERANCE, [f"{d:.1e}" for d in diffs]
+
+
+def test_turbo_block_map_is_the_references() -> None:
+    """hidiffusion.py sdxl_turbo_hidiffusion_key(): SDXL's main switch (the pool in down_blocks.1 /
+    up_blocks.1) and MSW-MSA blocks, no extra switch; its blocks never set aggressive_raunet,
+    so they keep the class default False (make_diffusers_cross_attn_down_block)."""
+    turbo, sdxl = hd.sdxl_turbo_hidiffusion_key(), hd.sdxl_hidiffusion_key()
+    assert set(turbo) == {"down_module_key", "up_module_key", "windown_attn_module_key"}
+    assert all(turbo[key] == sdxl[key] for key in turbo)
+    assert hd.make_diffusers_cross_attn_down_block(torch.nn.Module).aggressive_raunet is False
+    block_map = hidiffusion_lib.BLOCK_MAPS["sdxl_turbo"]
+    assert block_map.extra is None and block_map.main == hidiffusion_lib.BLOCK_MAPS["sdxl"].main
+    assert block_map.windowed == hidiffusion_lib.BLOCK_MAPS["sdxl"].windowed
 
 
 def test_presets_are_the_references() -> None:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from controlnet_host import TinyControlNet
 from forge_stub import ControlNet, Patcher, T2IAdapter, sd_model
-from test_webui_script import args, hint, marks
-from unets import make_inputs, make_unet
+from test_webui_script import args, hint, marks, set_up_pass
+from unets import TinyMMDiT, make_inputs, make_unet
 from webui_host import Host, Processing, load_script
 from webui_host import sd_model as a1111_sd_model
 
@@ -36,6 +36,32 @@ def test_each_model_gets_its_back_end(host):
     assert hosts.host_of(forge_model).name == "Forge" and hosts.host_of(a1111_model).name == "A1111"
     assert hosts.host_of(forge_model).unet(forge_model) is host.unet
     assert hosts.host_of(a1111_model).unet(a1111_model) is host.unet
+
+
+def test_families_from_the_flags_and_the_predictor(host):
+    """Forge keeps A1111's flags ("WebUI Legacy") and says v-prediction on the KModel's predictor."""
+    family = hosts.Forge().family
+    assert family(sd_model(host.forge)) == "sd1" and family(sd_model(host.forge, "sdxl")) == "sdxl"
+    assert family(sd_model(host.forge, "sd2")) == "sd2"
+    assert family(sd_model(Patcher(host.unet, "v_prediction"), "sd2")) == "sd2_768v"
+    assert family(sd_model(Patcher(host.unet, "v_prediction"), "sdxl")) == "sdxl"  # SDXL v-pred: 1024 px
+    assert family(sd_model(Patcher(host.unet), "sd3")) == "sd3"
+    assert family(sd_model(Patcher(host.unet), "flux")) is None  # Flux sets no flag: the tree decides
+
+
+def test_sd2_768v_gate_and_sd3_skip_on_forge(host, capsys):
+    host.forge = Patcher(host.unet, "v_prediction")
+    p = Processing(sd_model(host.forge, "sd2"), 768, 768)
+    assert not set_up_pass(host, p, args(native_gate=True), 96, 96)
+    assert "SD 2.x 768-v's training size (768x768 in area)" in p.extra_generation_params[sa.SKIPPED_KEY]
+    mmdit = TinyMMDiT()
+    flux = Host(host.module, host.stubs, mmdit, host.context)
+    flux.forge = Patcher(mmdit)
+    vanilla, _ = flux.generate(args(enabled=False), 24, 40)
+    on, p = flux.generate(args(), 24, 40, p=Processing(sd_model(flux.forge, "flux"), 320, 192))
+    assert torch.equal(on, vanilla) and marks(mmdit) == 0
+    assert p.extra_generation_params[sa.SKIPPED_KEY] == ("first pass: this TinyMMDiT is not a U-Net HiDiffusion has"
+                                                         " a block map for; it ran unchanged")
 
 
 def test_off_is_vanilla_and_on_leaves_no_trace(host):

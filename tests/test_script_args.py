@@ -17,6 +17,7 @@ from hidiffusion_lib.schedule import (
     resolve,
     step_of_call,
     step_of_calls,
+    switch_table,
 )
 from hidiffusion_lib.settings import Settings
 
@@ -77,6 +78,64 @@ def test_switching_threshold_is_computed_in_floating_point():
         (False, True), (False, True), (True, False), (True, False), (False, False)]
     assert not resolve(Settings(), "sdxl", 600, 600).aggressive
     assert not resolve(Settings(), "sdxl", 256, 256, inpaint=True).aggressive
+
+
+def _steps_on(table: list[tuple[bool, bool]]) -> tuple[list[int], list[int]]:
+    return [s for s, (main, _) in enumerate(table) if main], [s for s, (_, extra) in enumerate(table) if extra]
+
+
+# Few-step models (Turbo, Lightning, LCM, Hyper, DMD2): the steps each switch is on, (main, extra),
+# from the authors' rule: step < int(steps * ratio); aggressive: extra while step < int(8/50 * steps),
+# then main until int(T1 * steps).
+FEW_STEPS = {
+    # preset (arch, latent side, aggressive): {steps: (main steps, extra steps)}
+    ("sd1", 128, None): {1: ([], []), 2: ([], []), 3: ([0], []), 4: ([0], []), 8: ([0, 1, 2], [])},
+    ("sd1", 256, None): {1: ([], []), 2: ([0], []), 3: ([0, 1], []), 4: ([0, 1], [0]),
+                         8: ([0, 1, 2, 3, 4], [0, 1])},
+    ("sdxl", 256, None): {1: ([], []), 2: ([], []), 3: ([0], []), 4: ([0], []), 7: ([1], [0]), 8: ([1, 2], [0])},
+    ("sdxl", 256, False): {1: ([], []), 2: ([], []), 3: ([0], []), 4: ([0], []), 8: ([0, 1, 2], [])},
+    ("sdxl", 512, None): {1: ([], []), 2: ([0], []), 3: ([0, 1], []), 4: ([0, 1], [0]),
+                          8: ([0, 1, 2, 3, 4], [0, 1])},
+    ("sdxl_turbo", 128, None): {1: ([], []), 2: ([0], []), 3: ([0], []), 4: ([0, 1], []), 8: ([0, 1, 2, 3], [])},
+}
+
+
+@pytest.mark.parametrize(("arch", "side", "aggressive"), list(FEW_STEPS), ids=[
+    "sd15_1024", "sd15_2048", "sdxl_2048-aggressive", "sdxl_2048-plain", "sdxl_4096", "sdxl_turbo_1024"])
+def test_few_step_switch_table(arch, side, aggressive):
+    """E.g. sdxl_2048 aggressive at 4 steps: the hand-over int(0.64) = 0, so the extra switch never
+    runs and the main one runs at step 0 only (int(1.6) = 1); at 1 step no preset switches at all."""
+    schedule = resolve(Settings(aggressive=aggressive), arch, side, side)
+    for steps, expected in FEW_STEPS[arch, side, aggressive].items():
+        table = switch_table(schedule, steps)
+        assert len(table) == steps and _steps_on(table) == expected, (schedule.preset, steps)
+        assert table == [active_switches(schedule, step, steps) for step in range(steps)]
+
+
+def test_turbo_has_no_extra_switch_and_no_split():
+    """The authors' sdxl_turbo keys have no extra switch and their Turbo model never reads the
+    aggressive flag: a T2 or "Aggressive On" asked for changes nothing, and the schedule says so."""
+    schedule = resolve(Settings(t2=0.5, aggressive=True), "sdxl_turbo", 128, 128)
+    assert (schedule.t2, schedule.aggressive) == (0.0, False)
+    assert _steps_on(switch_table(schedule, 4)) == ([0, 1], [])
+    assert resolve(Settings(t2=0.5), "sdxl", 128, 128).t2 == 0.5
+
+
+def test_pasted_ratio_off_the_list_is_kept_exactly():
+    """An infotext ratio the dropdown does not list (0.45) pastes as itself, never rounded to a
+    listed choice; the control's value parses back to the number; a bad one names the control."""
+    t1 = sa.ARGS[sa.ARG_NAMES.index("t1")]
+    assert sa.from_infotext(t1, {"HiDiffusion": "True", "HiDiffusion T1": "0.45"}) == "0.45"
+    assert "0.45" not in sa.RATIO_CHOICES
+    for number, shown in ((0.45, "0.45"), (0.5, "0.5"), (1.0, "1"), (0.0, "0"), (0.123456789, "0.123456789")):
+        assert sa.ui_value(t1, number) == shown and sa.parse([True, True, True, "Auto", shown]).t1 == number
+    params = {"HiDiffusion": "True", "HiDiffusion T1": "0.45", "HiDiffusion T2": "0.123456789"}
+    sa.normalize_pasted(params)
+    assert (params["HiDiffusion T1"], params["HiDiffusion T2"]) == ("0.45", "0.123456789")
+    named = r"HiDiffusion 'T1 ratio' \(API argument 't1', args\[4\]\) must be a number"
+    for typed in ("abc", "1.5", "-0.2", ""):
+        with pytest.raises(sa.ArgError, match=named):
+            sa.parse([True, True, True, "Auto", typed])
 
 
 def test_second_order_calls_map_to_steps():

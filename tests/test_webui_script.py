@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from controlnet_host import TinyControlNet
-from unets import make_inputs, make_unet
+from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from unets import TinyMMDiT, make_inputs, make_unet, unet_config
 from webui_host import Host, Processing, controlnet_units, load_script, paste, sd_model, send_to
 
 import hidiffusion_lib as hd
@@ -186,6 +187,24 @@ def test_old_and_partial_infotexts_paste(host):
     assert all(isinstance(key, str) for _, key in host.script.infotext_fields)
 
 
+def test_ratio_dropdowns_take_pasted_and_typed_values(host):
+    """gr.Dropdown(allow_custom_value=True) (Gradio 3.41 in the webui, 4.40 in Forge) keeps a pasted
+    0.45 that the list lacks; the value reaches the script as text and is parsed like the API's."""
+    components = host.script.ui(False)
+    for arg, component in zip(sa.ARGS, components, strict=True):
+        if type(component).__name__ == "Dropdown":
+            assert component.allow_custom_value == (arg.kind == "ratio"), arg.name
+    t1 = components[sa.ARG_NAMES.index("t1")]
+    assert list(t1.choices) == list(sa.RATIO_CHOICES)  # the listed choices stay
+    pasted = paste(host.stubs, host.script, {"HiDiffusion": "True", "HiDiffusion T1": "0.45"})
+    assert pasted[sa.ARG_NAMES.index("t1")] == "0.45" and sa.parse(pasted).t1 == 0.45
+    typed = args()
+    typed[sa.ARG_NAMES.index("t1")] = "abc"  # what the dropdown hands over for a typed value
+    with pytest.raises(sa.ArgError, match=r"'T1 ratio' \(API argument 't1', args\[4\]\).*got 'abc'"):
+        host.generate(typed, 24, 40)
+    assert marks(host.unet) == 0
+
+
 def test_ui_components_follow_args_and_settings(host):
     host.stubs.shared.opts.data["hidiffusion_default_rau_mode"] = "bicubic"
     components = host.script.ui(True)
@@ -278,6 +297,120 @@ def test_model_mismatch_is_refused_in_the_ui_words(host):
     with pytest.raises(sa.ArgError, match=r'"SDXL-Turbo/Lightning" does not fit.*choose Auto, SD 1.x or SD 2.x$'):
         host.generate(args(model="SDXL-Turbo/Lightning"), 24, 40)
     assert marks(host.unet) == 0
+
+
+def fingerprint(module: torch.nn.Module) -> list:
+    """Every instance attribute and hook of every submodule: what a patch could leave behind."""
+    return [(name, sorted(m.__dict__.keys() - {"_modules", "_parameters", "_buffers"}), len(m._forward_hooks),
+             len(m._forward_pre_hooks)) for name, m in module.named_modules()]
+
+
+def test_sd3_runs_unchanged_with_a_note_and_an_explicit_preset_is_refused(host, capsys):
+    """SD3 (the webui v1.10.1 loads it: modules/sd_models.py set_model_type) runs an MMDiT, which
+    HiDiffusion has no block map for: with Model preset Auto the ticked checkbox changes nothing
+    but the infotext and the console; a preset asked for explicitly is refused."""
+    mmdit = TinyMMDiT()
+    sd3 = Host(host.module, host.stubs, mmdit, host.context)
+    before = fingerprint(mmdit)
+
+    def model():
+        return Processing(sd_model(mmdit, "sd3"), 320, 192)
+
+    vanilla, _ = sd3.generate(args(enabled=False), 24, 40, p=model())
+    on, p = sd3.generate(args(native_gate=True), 24, 40, hires=(48, 80, 2), p=model())
+    assert torch.equal(on, sd3.generate(args(enabled=False), 24, 40, hires=(48, 80, 2), p=model())[0])
+    note = "SD3 (MMDiT) is not a U-Net HiDiffusion has a block map for; it ran unchanged"
+    assert p.extra_generation_params[sa.SKIPPED_KEY] == f"first pass: {note}; hires fix pass: {note}"
+    assert f"HiDiffusion: first pass: {note}" in capsys.readouterr().out
+    assert p.extra_generation_params["HiDiffusion"] is True and "HiDiffusion schedule" not in p.extra_generation_params
+    assert sd3.steps_seen == [] and fingerprint(mmdit) == before
+    assert torch.equal(sd3.generate(args(), 24, 40, p=model())[0], vanilla)
+    with pytest.raises(sa.ArgError) as caught:
+        sd3.generate(args(model="SDXL"), 24, 40, p=model())
+    assert str(caught.value) == ('HiDiffusion: Model preset "SDXL" does not fit the loaded model: SD3 (MMDiT) is not a'
+                                 " U-Net HiDiffusion has a block map for; choose Auto (the generation then runs"
+                                 " without HiDiffusion) or untick HiDiffusion")
+    assert vars(caught.value)["status_code"] == 422 and fingerprint(mmdit) == before
+    assert torch.equal(sd3.generate(args(), 24, 40, p=model())[0], vanilla)
+
+
+def test_a_model_switch_with_the_checkbox_ticked_never_fails(host):
+    """SD 1.5 -> SD3 -> SD 1.5 with HiDiffusion ticked throughout (Auto): SD3 runs unchanged and
+    SD 1.5 runs with HiDiffusion before and after, the same image."""
+    on, _ = host.generate(args(), 24, 40)
+    mmdit = TinyMMDiT()
+    sd3 = Host(host.module, host.stubs, mmdit, host.context)
+    for callback in host.stubs.callbacks.callbacks["model_loaded"]:
+        callback(sd_model(mmdit, "sd3"))
+    _, p = sd3.generate(args(), 24, 40, p=Processing(sd_model(mmdit, "sd3"), 320, 192))
+    assert sa.SKIPPED_KEY in p.extra_generation_params
+    for callback in host.stubs.callbacks.callbacks["model_loaded"]:
+        callback(sd_model(host.unet))
+    assert torch.equal(host.generate(args(), 24, 40)[0], on) and marks(host.unet) == 0
+
+
+def test_an_sdxl_refiner_loaded_as_the_model_follows_the_same_rule(host, capsys):
+    """The refiner's U-Net (12 input blocks, attention at levels 1-2) has no block map: Auto skips
+    it with a note, an explicit SDXL preset is refused."""
+    unet = UNetModel(**dict(unet_config("sdxl"), channel_mult=[1, 2, 4, 4], attention_resolutions=[4, 2])).eval()
+    _, _, context = make_inputs("sdxl", 2, 8, 8)
+    refiner = Host(host.module, host.stubs, unet, context)
+    vanilla, _ = refiner.generate(args(enabled=False), 24, 40, p=Processing(sd_model(unet, "sdxl"), 320, 192))
+    on, p = refiner.generate(args(), 24, 40, p=Processing(sd_model(unet, "sdxl"), 320, 192))
+    assert torch.equal(on, vanilla)
+    note = "first pass: the SDXL refiner is not a U-Net HiDiffusion has a block map for; it ran unchanged"
+    assert p.extra_generation_params[sa.SKIPPED_KEY] == note and note in capsys.readouterr().out
+    with pytest.raises(sa.ArgError, match=r'^HiDiffusion: Model preset "SDXL" does not fit the loaded model: the SDXL'
+                                          " refiner is not a U-Net"):
+        refiner.generate(args(model="SDXL"), 24, 40, p=Processing(sd_model(unet, "sdxl"), 320, 192))
+    assert marks(unet) == 0
+
+
+def test_a_unet_whose_blocks_do_not_match_is_skipped_with_auto(host):
+    """A U-Net of a known family whose blocks are not where the map wants them (here SD 1.x with
+    no attention in the top level, as no real model has): skipped, the reason in the note."""
+    unet = UNetModel(**dict(unet_config("sd1"), attention_resolutions=[2, 1])).eval()
+    odd = Host(host.module, host.stubs, unet, host.context)
+    _, p = odd.generate(args(), 24, 40, p=Processing(sd_model(unet), 320, 192))
+    note = p.extra_generation_params[sa.SKIPPED_KEY]
+    assert note.startswith("first pass: this UNetModel (unknown U-Net layout: 12 input blocks") and marks(unet) == 0
+
+
+def set_up_pass(host, p, values: list, h: int, w: int) -> bool:
+    """The script's hooks up to the first sampling pass over a (h, w) latent, without sampling;
+    returns whether a patch is live for the pass. Ends the generation."""
+    noise = torch.zeros(2, 4, h, w)
+    host.script.process(p, *values)
+    host.script.process_before_every_sampling(p, *values, x=noise, noise=noise, c=None, uc=None)
+    live = host.module._Run.handle is not None and marks(host.unet) > 0
+    host.script.postprocess(p, None, *values)
+    return live
+
+
+def test_sd2_768v_is_gated_at_its_own_training_size(host, capsys):
+    """SD 2.x 768-v (ldm's parameterization "v") was trained at 768x768: the gate skips 768x768
+    and applies above it with the SD 2.x presets; an SD 2.x 512 (eps) model applies at 768x768."""
+    sd2 = Host(host.module, host.stubs, make_unet("sd2"), host.context)
+
+    def model(arch, size):
+        return Processing(sd_model(sd2.unet, arch), size, size)
+
+    p = model("sd2_768v", 768)
+    assert not set_up_pass(sd2, p, args(native_gate=True), 96, 96)
+    note = ("first pass at 768x768: not larger than SD 2.x 768-v's training size (768x768 in area), so it ran"
+            " unchanged")
+    assert p.extra_generation_params[sa.SKIPPED_KEY] == note and note in capsys.readouterr().out
+    p = model("sd2_768v", 1024)
+    assert set_up_pass(sd2, p, args(native_gate=True), 128, 128)
+    assert sa.SKIPPED_KEY not in p.extra_generation_params
+    assert p.extra_generation_params["HiDiffusion schedule"] == "sd15_1024: T1 0.4, T2 0"
+    p = model("sd2_768v", 2048)  # the authors' 2048 px preset at the same latent threshold as SD 2.x 512
+    assert set_up_pass(sd2, p, args(native_gate=True), 256, 256)
+    assert p.extra_generation_params["HiDiffusion schedule"] == "sd15_2048: T1 0.7, T2 0.3"
+    p = model("sd2", 768)
+    assert set_up_pass(sd2, p, args(native_gate=True), 96, 96) and sa.SKIPPED_KEY not in p.extra_generation_params
+    assert not set_up_pass(sd2, model("sd2", 512), args(native_gate=True), 64, 64)
+    assert marks(sd2.unet) == 0
 
 
 def test_refiner_steps_run_without_hidiffusion_and_say_so(host, capsys):

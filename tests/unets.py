@@ -17,7 +17,8 @@ from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from hidiffusion_lib.bench.models import randomize
 
 CONTEXT_DIM = {"sd1": 32, "sd2": 1024, "sdxl": 32}
-__all__ = ["CONTEXT_DIM", "forge_config", "make_forge_unet", "make_inputs", "make_unet", "randomize", "unet_config"]
+__all__ = ["CONTEXT_DIM", "TinyMMDiT", "forge_config", "make_forge_unet", "make_inputs", "make_unet", "randomize",
+           "unet_config"]
 
 
 def unet_config(layout: str, channels: int = 32) -> dict:
@@ -100,3 +101,32 @@ def make_forge_unet(layout: str, seed: int = 0, channels: int = 32) -> torch.nn.
     unet = forge_backend().IntegratedUNet2DConditionModel(**forge_config(layout, channels))
     unet.load_state_dict(make_unet(layout, seed, channels).state_dict())
     return unet.eval()
+
+
+class TinyMMDiT(torch.nn.Module):
+    """What a script sees of SD3's diffusion model in the webui v1.10.1: ``sd_model.model.
+    diffusion_model`` (modules/models/sd3/sd3_model.py SD3Inferencer -> sd3_impls.py BaseModel)
+    is modules/models/sd3/mmdit.py's MMDiT: a patch embedding (``x_embedder.proj``), timestep and
+    pooled-text embedders, ``joint_blocks`` and a ``final_layer``, no ``input_blocks``; BaseModel
+    calls it as ``diffusion_model(x, timestep, context=..., y=...)``. Small, with 4 latent
+    channels (SD3 has 16) so the host stand-in's noise fits; Forge's SD3 transformer
+    (backend/nn/mmditx.py) looks the same to HiDiffusion."""
+
+    def __init__(self, channels: int = 4, hidden: int = 32, depth: int = 2, patch: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        self.patch = patch
+        self.x_embedder = torch.nn.Module()
+        self.x_embedder.proj = torch.nn.Conv2d(channels, hidden, patch, stride=patch)
+        self.t_embedder = torch.nn.Linear(1, hidden)
+        self.joint_blocks = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(depth))
+        self.final_layer = torch.nn.Linear(hidden, channels * patch * patch)
+        randomize(self, seed).eval()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context=None, y=None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2)
+        tokens = tokens + self.t_embedder(t.float().view(-1, 1) / 1000)[:, None]
+        for block in self.joint_blocks:
+            tokens = tokens + torch.tanh(block(tokens))
+        out = self.final_layer(tokens).view(b, h // self.patch, w // self.patch, c, self.patch, self.patch)
+        return out.permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)

@@ -80,8 +80,13 @@ def send_to(script, source_values: list) -> list:
 
 
 def sd_model(unet: torch.nn.Module, arch: str = "sd1") -> SimpleNamespace:
+    """``p.sd_model`` as the webui builds it: the flags of modules/sd_models.py set_model_type and
+    the ``parameterization`` of the model's config (ldm's DDPM: "v" from v2-inference-v.yaml for
+    arch "sd2_768v"; modules/models/sd3/sd3_model.py SD3Inferencer: "eps", for arch "sd3", whose
+    ``model.diffusion_model`` is an MMDiT)."""
     return SimpleNamespace(model=SimpleNamespace(diffusion_model=unet), is_sd1=arch == "sd1",
-                           is_sd2=arch == "sd2", is_sdxl=arch == "sdxl")
+                           is_sd2=arch in ("sd2", "sd2_768v"), is_sdxl=arch == "sdxl", is_ssd=False,
+                           is_sd3=arch == "sd3", parameterization="v" if arch == "sd2_768v" else "eps")
 
 
 def controlnet_units(*units: tuple) -> SimpleNamespace:

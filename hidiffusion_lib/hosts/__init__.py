@@ -9,12 +9,12 @@ webui imports: an adapter reads the objects the host hands to a script.
 from __future__ import annotations
 
 from .a1111 import A1111
-from .base import ControlUnit, Host, StepAside
+from .base import ControlUnit, Host, StepAside, family_of
 from .forge import Forge
 
 HOSTS: tuple[Host, ...] = (Forge(), A1111())  # A1111 last: it takes any model
 
-__all__ = ["A1111", "HOSTS", "ControlUnit", "Forge", "Host", "StepAside", "host_of"]
+__all__ = ["A1111", "HOSTS", "ControlUnit", "Forge", "Host", "StepAside", "family_of", "host_of"]
 
 
 def host_of(sd_model: object) -> Host:

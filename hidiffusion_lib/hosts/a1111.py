@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ControlUnit, StepAside
+from .base import ControlUnit, StepAside, family_of
 
 
 class A1111:
@@ -15,6 +15,11 @@ class A1111:
 
     def unet(self, sd_model: object) -> nn.Module | None:
         return getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+
+    def family(self, sd_model: object) -> str | None:
+        """ldm's LatentDiffusion keeps its config's ``parameterization``: "v" for SD 2.x 768-v
+        (configs v2-inference-v.yaml, which modules/sd_models_config.py picks for a v model)."""
+        return family_of(sd_model, getattr(sd_model, "parameterization", "eps") == "v")
 
     def control_units(self, p: object) -> list[ControlUnit]:
         """sd-webui-controlnet keeps its units on its Script's ``latest_network.control_params``

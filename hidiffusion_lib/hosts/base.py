@@ -32,6 +32,23 @@ class StepAside:
     mswmsa: str | None = None
 
 
+def family_of(sd_model: object, v_prediction: bool) -> str | None:
+    """The loaded model's family from the flags both back ends set on ``p.sd_model``
+    (A1111 modules/sd_models.py set_model_type; Forge backend/diffusion_engine/*.py "WebUI
+    Legacy"): "sd1", "sd2", "sd2_768v" (SD 2.x predicting v: trained at 768 px), "sdxl" (the
+    refiner too), "sd3", or None where no flag is set (Forge's Flux): the engine reads the tree.
+    ``v_prediction`` is the back end's own answer (see each adapter)."""
+    if getattr(sd_model, "is_sd3", False):
+        return "sd3"
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"  # an SDXL v-prediction model was still trained at 1024 px
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2_768v" if v_prediction else "sd2"
+    if getattr(sd_model, "is_sd1", False):
+        return "sd1"
+    return None
+
+
 class Host(Protocol):
     name: str
 
@@ -39,7 +56,11 @@ class Host(Protocol):
         """Whether ``sd_model`` (the webui's ``p.sd_model``) comes from this back end."""
 
     def unet(self, sd_model: object) -> nn.Module | None:
-        """The U-Net module that HiDiffusion patches (None where the model has none)."""
+        """The U-Net module that HiDiffusion patches (None where the model has none); for a
+        model that is no U-Net (SD3's MMDiT) the diffusion model the host runs."""
+
+    def family(self, sd_model: object) -> str | None:
+        """The loaded model's family, a key of ``script_args.FAMILIES`` (see :func:`family_of`)."""
 
     def control_units(self, p: object) -> list[ControlUnit]:
         """The ControlNet-type units that run in this generation; called after the host's

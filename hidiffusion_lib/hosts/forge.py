@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ControlUnit, StepAside
+from .base import ControlUnit, StepAside, family_of
 
 # What the built-ins leave in model_options (backend/patcher/base.py) that HiDiffusion must not
 # stack on, each with the note the user reads.
@@ -34,6 +34,13 @@ class Forge:
 
     def unet(self, sd_model: object) -> nn.Module | None:
         return getattr(getattr(_patcher(sd_model), "model", None), "diffusion_model", None)
+
+    def family(self, sd_model: object) -> str | None:
+        """The patcher's KModel predicts with ``predictor.prediction_type`` (backend/modules/
+        k_model.py, k_prediction.py): "v_prediction" for SD 2.x 768-v, as backend/loader.py sets
+        it from the checkpoint's YAML or huggingface_guess's SD20.model_type."""
+        predictor = getattr(getattr(_patcher(sd_model), "model", None), "predictor", None)
+        return family_of(sd_model, getattr(predictor, "prediction_type", None) == "v_prediction")
 
     def control_units(self, p: object) -> list[ControlUnit]:
         """ControlNets with a control model (T2I-Adapters have ``t2i_model``; a Control-LoRA

@@ -17,9 +17,16 @@ class Checkbox(Component):
 
 
 class Dropdown(Component):
-    def __init__(self, choices=None, value=None, label=None, **kwargs):
+    """gradio/components/dropdown.py: keyword-only after ``choices``, which it keeps as strings;
+    ``allow_custom_value`` lets the user type a value that is not a choice (not with multiselect)."""
+
+    def __init__(self, choices=None, *, value=None, multiselect=None, allow_custom_value=False, label=None,
+                 **kwargs):
+        self.choices = [str(choice) for choice in choices] if choices else []
+        self.multiselect, self.allow_custom_value = multiselect, allow_custom_value
+        if multiselect and allow_custom_value:
+            raise ValueError("Custom values are not supported when `multiselect` is True.")
         super().__init__(value=value, label=label, **kwargs)
-        self.choices = choices
 
 
 class Radio(Component):
