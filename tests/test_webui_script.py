@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -444,6 +445,29 @@ def test_hypertile_makes_mswmsa_step_aside(host):
     both, p = host.generate(args(), 24, 40)
     assert torch.equal(both, raunet_only)
     assert "Hypertile" in p.extra_generation_params["HiDiffusion MSW-MSA"]
+
+
+def tiled_diffusion(enabled: bool) -> SimpleNamespace:
+    """``p.scripts`` with multidiffusion-upscaler's Tiled Diffusion among the always-on scripts
+    (scripts/tilediffusion.py: title "Tiled Diffusion", its first argument the enable checkbox;
+    modules/scripts.py gives each script its slice of ``p.script_args`` from ``args_from``)."""
+    other = SimpleNamespace(title=lambda: "Other", args_from=0, args_to=1)
+    tiles = SimpleNamespace(title=lambda: "Tiled Diffusion", args_from=1, args_to=3)
+    return SimpleNamespace(alwayson_scripts=[other, tiles]), (True, enabled, "MultiDiffusion")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_tiled_diffusion_takes_the_pass(host, capsys, enabled):
+    off, _ = host.generate(args(enabled=False), 24, 40)
+    on, _ = host.generate(args(), 24, 40)
+    p = Processing(host.new_sd_model(), width=320, height=192, seeds=[1], all_seeds=[1])
+    p.scripts, p.script_args = tiled_diffusion(enabled)
+    x, p = host.generate(args(), 24, 40, p=p)
+    assert torch.equal(x, off if enabled else on)
+    note = p.extra_generation_params.get(sa.SKIPPED_KEY, "")
+    assert ("Tiled Diffusion is on" in note) == enabled, note
+    assert ("Tiled Diffusion is on" in capsys.readouterr().out) == enabled
+    assert marks(host.unet) == 0
 
 
 def test_sdxl_flag_picks_the_sdxl_map(host):

@@ -1,10 +1,28 @@
-"""The AUTOMATIC1111 webui (v1.10): ldm/sgm U-Nets, sd-webui-controlnet, built-in Hypertile."""
+"""The AUTOMATIC1111 webui (v1.10): ldm/sgm U-Nets, sd-webui-controlnet, built-in Hypertile,
+multidiffusion-upscaler's Tiled Diffusion."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from .base import ControlUnit, StepAside, family_of
+
+# multidiffusion-upscaler-for-automatic1111 (scripts/tilediffusion.py): its sampler runs the U-Net
+# on tiles near the training size, the duplication RAU-Net exists to avoid at full size.
+TILED_DIFFUSION = "Tiled Diffusion"
+TILES = ("off: Tiled Diffusion is on; its U-Net calls are tiles near the training size, so HiDiffusion "
+         "leaves the pass to it")
+
+
+def _enabled_script(p: object, title: str) -> bool:
+    """Whether the always-on script ``title`` is on for ``p``: its first argument, its enable
+    checkbox (modules/scripts.py keeps each script's slice of ``p.script_args`` from args_from)."""
+    args = getattr(p, "script_args", None) or ()
+    for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", None) or []:
+        if script.title() == title:
+            start = getattr(script, "args_from", None)
+            return start is not None and start < len(args) and bool(args[start])
+    return False
 
 
 class A1111:
@@ -35,7 +53,9 @@ class A1111:
 
     def step_aside(self, p: object, opts: object) -> StepAside:
         """Hypertile (built in, extensions-builtin/hypertile) tiles the same self-attentions as
-        MSW-MSA when its U-Net option is on for this pass."""
+        MSW-MSA when its U-Net option is on for this pass; Tiled Diffusion takes the whole pass."""
+        if _enabled_script(p, TILED_DIFFUSION):
+            return StepAside(whole=TILES)
         hires = getattr(p, "is_hr_pass", False)
         on = getattr(opts, "hypertile_enable_unet", False) or (
             hires and getattr(opts, "hypertile_enable_unet_secondpass", False))
