@@ -4,7 +4,8 @@ free loopback port, with this extension linked into it and tiny random-weight ch
 Environment: WEBUI_DIR (a webui checkout with its repositories/; without it every e2e test
 skips), WEBUI_PYTHON (its venv's python, default WEBUI_DIR/venv/bin/python), CONTROLNET_DIR (a
 checkout of sd-webui-controlnet whose requirements are in that venv; tests marked
-``needs_controlnet`` skip without it).
+``needs_controlnet`` skip without it), MULTIDIFFUSION_DIR (a checkout of
+multidiffusion-upscaler-for-automatic1111: Tiled Diffusion and Tiled VAE; ``needs_multidiffusion``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ WEBUI_DIR = os.environ.get("WEBUI_DIR")
 needs_webui = pytest.mark.skipif(not WEBUI_DIR, reason="WEBUI_DIR is not set: no webui to test against")
 CONTROLNET_DIR = os.environ.get("CONTROLNET_DIR")
 needs_controlnet = pytest.mark.skipif(not CONTROLNET_DIR, reason="CONTROLNET_DIR is not set")
+MULTIDIFFUSION_DIR = os.environ.get("MULTIDIFFUSION_DIR")
+needs_multidiffusion = pytest.mark.skipif(not MULTIDIFFUSION_DIR, reason="MULTIDIFFUSION_DIR is not set")
 # The webui's flags for a CPU-only, offline machine (see the README's "Tests").
 CPU_FLAGS = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check", "--use-cpu", "all",
              "--no-half", "--precision", "full", "--disable-nan-check", "--opt-sdp-attention"]
@@ -42,9 +45,15 @@ START_TIMEOUT = 300
 class Webui:
     """A client of one running webui."""
 
-    def __init__(self, url: str, log: Path | None = None):
+    def __init__(self, url: str, log: Path | None = None, process: subprocess.Popen | None = None):
         self.url = url
         self.log = log
+        self.process = process  # the launcher, leader of its process group (kill_group() ends it)
+
+    def kill_group(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the webui's whole process group (launch.py and the server it runs)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, sig)
 
     def call(self, route: str, payload: dict | None = None, timeout: float = 900) -> tuple[int, dict]:
         data = None if payload is None else json.dumps(payload).encode()
@@ -183,14 +192,16 @@ def linked_controlnet() -> Iterator[None]:
 
 @contextlib.contextmanager
 def running_webui(workdir: Path, ckpt: Path, ui: bool = False, extra_args: tuple[str, ...] = (),
-                  env: dict[str, str] | None = None, controlnet_models: Path | None = None) -> Iterator[Webui]:
+                  env: dict[str, str] | None = None, controlnet_models: Path | None = None,
+                  extensions: dict[str, Path] | None = None) -> Iterator[Webui]:
     """Start the webui on a free loopback port (API only unless ``ui``) with ``ckpt`` loaded.
 
     Its settings and ui-config files live in ``workdir``, so each run starts from the
     webui's defaults and leaves WEBUI_DIR's own files alone. With ``controlnet_models`` (a
     folder of write_controlnet's models) sd-webui-controlnet (CONTROLNET_DIR) runs too, with
-    that folder as its ``--controlnet-dir`` (its preprocessor folder in ``workdir``). Stops
-    it at the end.
+    that folder as its ``--controlnet-dir`` (its preprocessor folder in ``workdir``).
+    ``extensions``: other extensions to link in for the run (name -> checkout). Stops it at
+    the end.
     """
     port = free_port()
     log_path = workdir / "webui.log"
@@ -207,6 +218,8 @@ def running_webui(workdir: Path, ckpt: Path, ui: bool = False, extra_args: tuple
     with contextlib.ExitStack() as stack:
         if controlnet_models is not None:
             stack.enter_context(linked_controlnet())
+        for name, folder in (extensions or {}).items():
+            stack.enter_context(_in_extensions(name, folder))
         stack.enter_context(linked_extension())
         yield stack.enter_context(started("webui", webui_python(), flags, WEBUI_DIR, process_env, log_path, port))
 
@@ -219,7 +232,7 @@ def started(name: str, python: str, flags: list[str], cwd: str, env: dict[str, s
     with open(log_path, "w") as log:
         process = subprocess.Popen([python, "launch.py", *flags], cwd=cwd, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    client = Webui(f"http://127.0.0.1:{port}", log_path)
+    client = Webui(f"http://127.0.0.1:{port}", log_path, process)
     try:
         deadline = time.time() + START_TIMEOUT
         while True:
@@ -235,11 +248,11 @@ def started(name: str, python: str, flags: list[str], cwd: str, env: dict[str, s
             time.sleep(2)
         yield client
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        client.kill_group(signal.SIGTERM)  # a test may have killed it already
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            client.kill_group(signal.SIGKILL)
             process.wait()
 
 
@@ -285,10 +298,11 @@ def forge_checkpoint(seed: int = 0) -> Path:
 
 def write_taesd(folder: Path) -> None:
     """taesd_decoder.pth and taesd_encoder.pth for Forge's "TAESD" VAE type (modules/sd_vae_taesd.py's
-    layout), with hand-set weights instead of the trained ones (not available offline): the
-    decoder paints latent channels 0-2 as colours (0.5 + 0.12 * channel, +-0.04 * channel 3, per
-    8x8 block: every latent change shows, nothing saturates), the encoder samples every 8th pixel
-    into latent channels 0-2. A second for the decode instead of the full VAE's half minute."""
+    layout), and the same as taesdxl_*.pth (which Forge loads for SDXL), with hand-set weights
+    instead of the trained ones (not available offline): the decoder paints latent channels 0-2 as
+    colours (0.5 + 0.12 * channel, +-0.04 * channel 3, per 8x8 block: every latent change shows,
+    nothing saturates), the encoder samples every 8th pixel into latent channels 0-2. A second for
+    the decode instead of the full VAE's half minute."""
     import torch
 
     def center(n_out: int, n_in: int, taps: list[tuple[int, int, float]]) -> torch.Tensor:
@@ -323,8 +337,9 @@ def write_taesd(folder: Path) -> None:
     encoder = [(center(64, 3, copy), torch.zeros(64)), "block", down, *blocks, down, *blocks, down, *blocks,
                (center(4, 64, [(c, c, 4.0) for c in range(3)]), torch.tensor([-2.0, -2.0, -2.0, 0.0]))]
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(state(decoder), folder / "taesd_decoder.pth")
-    torch.save(state(encoder), folder / "taesd_encoder.pth")
+    for name in ("taesd", "taesdxl"):
+        torch.save(state(decoder), folder / f"{name}_decoder.pth")
+        torch.save(state(encoder), folder / f"{name}_encoder.pth")
 
 
 @contextlib.contextmanager
