@@ -25,17 +25,32 @@ of 40) with ``channel_mult`` [1, 1, 1, 1], 2 res blocks a level and attention at
 mismatch). fp16, keys named as in the original SD 1.5 checkpoint (``model.diffusion_model.``,
 ``first_stage_model.``, ``cond_stage_model.transformer.text_model.``); about 600 MiB.
 
+``forge-sdxl``: ``tiny-forge-sdxl.safetensors`` alone, the SDXL base for Forge 2: the U-Net keeps SDXL's
+detected features (``model_channels`` 320, ``channel_mult`` [1, 2, 4], ``context_dim`` 2048,
+``adm_in_channels`` 2816, linear projections; Forge builds heads of 64) with SSD-1B's input depths
+[0, 0, 2, 2, 4, 4], the smallest that huggingface_guess matches to a subclass of its ``SDXL`` (so
+Forge runs it as ``StableDiffusionXL``, ``is_sdxl`` True; Segmind-Vega's [0, 0, 1, 1, 2, 2] matches
+too but has one transformer block at level 1, where HiDiffusion's SDXL block map windows two) and
+depth 1 in the middle and the output blocks of level 2 (not matched); CLIP ViT-L/14, the OpenCLIP
+ViT-bigG/14 text tower and the SDXL VAE keep their full shapes. fp16, keys as in the original SDXL
+base checkpoint (``conditioner.embedders.0.transformer.text_model.``, ``conditioner.embedders.1.model.``);
+1.8 G parameters, 3.4 GiB.
+
+``sd1-inpaint`` and ``sdxl-inpaint``: the same with the inpainting layouts (9 input channels: latent,
+mask, masked-image latent), as the SD 1.5-inpainting and SDXL inpainting checkpoints have them.
+
 Weights are random, the same for a given seed. The YAML names the CLIP folder by absolute
 path: move them together or rerun. A non-zero SEED writes ``tiny-KIND-seedSEED.*`` and its own
-CLIP folder (``forge-sd1``: the checkpoint alone), e.g. a second SDXL checkpoint to switch to as a
+CLIP folder (``forge-sd1``, ``forge-sdxl``: the checkpoint alone), e.g. a second SDXL checkpoint to switch to as a
 refiner (two writers can run at once).
 
-Usage: ``python tests/e2e/tiny_checkpoint.py OUT_DIR [sd1|sdxl|forge-sd1 [SEED]]`` (needs torch,
+Usage: ``python tests/e2e/tiny_checkpoint.py OUT_DIR [KIND [SEED]]``, KIND one of the above (default sd1; needs torch,
 safetensors, omegaconf, transformers and open_clip, as in the webui's or Forge's venv).
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import json
@@ -50,6 +65,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 STEM = "tiny-sd1"
+INPAINT = "-inpaint"  # stem suffix of the inpainting layouts
+INPAINT_CHANNELS = 9
 UNET_CHANNELS = 32
 UNET_MULT = (1, 2, 4, 4)
 UNET_DEPTH = (1, 1, 1, 0)  # transformer depth per level (0: no attention)
@@ -78,6 +95,11 @@ FORGE_SD1_DEPTH = (1, 1, 1, 0)
 CLIP_L_CONFIG = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                  "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
                  "projection_dim": 768, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+FORGE_SDXL_STEM = "tiny-forge-sdxl"
+FORGE_SDXL_CHANNELS = 320  # huggingface_guess's SDXL family: model_channels 320, context_dim 2048, adm 2816
+FORGE_SDXL_DEPTH = (0, 2, 4)  # input blocks: SSD-1B's transformer_depth [0, 0, 2, 2, 4, 4]
+FORGE_SDXL_DEPTH_OUT = (0, 2, 1)  # output blocks: level 1 keeps the two blocks HiDiffusion windows
+CLIP_G_ARCH = "ViT-bigG-14"  # open_clip's config: text width 1280, 32 layers, 20 heads, projection 1280
 SD_VAE_CHANNELS = 128
 SD_VAE_MULT = (1, 2, 4, 4)
 SD_VAE_RES = 2
@@ -131,18 +153,22 @@ def _transformer(s: Shapes, p: str, c: int, ctx: int, depth: int = 1, linear: bo
 
 
 def unet_shapes(mc: int = UNET_CHANNELS, mult: tuple[int, ...] = UNET_MULT, ctx: int = TEXT_WIDTH,
-                depth: tuple[int, ...] = UNET_DEPTH, middle: int = 1, linear: bool = False, adm: int = 0) -> Shapes:
+                depth: tuple[int, ...] = UNET_DEPTH, middle: int = 1, linear: bool = False, adm: int = 0,
+                cin: int = LATENT, depth_out: tuple[int, ...] | None = None) -> Shapes:
     """Parameter shapes of ldm's / sgm's UNetModel (2 res blocks a level, a downsample after
     every level but the last); ``depth[level]`` transformer blocks at a level (0: none),
-    ``middle`` in the middle block; ``adm``: input width of the sequential label embedding."""
+    ``middle`` in the middle block; ``adm``: input width of the sequential label embedding;
+    ``cin``: input channels (9 for an inpainting model: latent, mask, masked image latent);
+    ``depth_out``: the output blocks' depths per level where they differ from ``depth``."""
     s: Shapes = {}
+    depth_out = depth if depth_out is None else depth_out
     temb = 4 * mc
     _linear(s, "time_embed.0", temb, mc)
     _linear(s, "time_embed.2", temb, temb)
     if adm:
         _linear(s, "label_emb.0.0", temb, adm)
         _linear(s, "label_emb.0.2", temb, temb)
-    _conv(s, "input_blocks.0.0", mc, LATENT)
+    _conv(s, "input_blocks.0.0", mc, cin)
     chans, ch, i = [mc], mc, 1
     for level, m in enumerate(mult):
         for _ in range(2):
@@ -164,8 +190,8 @@ def unet_shapes(mc: int = UNET_CHANNELS, mult: tuple[int, ...] = UNET_MULT, ctx:
         for j in range(3):
             _resblock(s, f"output_blocks.{i}.0", ch + chans.pop(), mc * m, temb)
             ch, k = mc * m, 1
-            if depth[level]:
-                _transformer(s, f"output_blocks.{i}.1", ch, ctx, depth[level], linear)
+            if depth_out[level]:
+                _transformer(s, f"output_blocks.{i}.1", ch, ctx, depth_out[level], linear)
                 k = 2
             if level and j == 2:
                 _conv(s, f"output_blocks.{i}.{k}.conv", ch, ch)
@@ -251,8 +277,10 @@ def open_clip_text_shapes(arch: str = OPENCLIP_ARCH) -> Shapes:
     return s
 
 
-def _random(shapes: Shapes, prefix: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Biases 0, norm scales (and scalars) 1, other weights N(0, 1/fan_in): finite activations."""
+def _random(shapes: Shapes, prefix: str, gen: torch.Generator,
+            dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Biases 0, norm scales (and scalars) 1, other weights N(0, 1/fan_in): finite activations;
+    each cast to ``dtype`` (if given) as it is made, so that only one is ever held in float32."""
     out: dict[str, torch.Tensor] = {}
     for name, shape in shapes.items():
         if name.endswith("bias"):
@@ -261,7 +289,7 @@ def _random(shapes: Shapes, prefix: str, gen: torch.Generator) -> dict[str, torc
             t = torch.ones(shape)
         else:
             t = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
-        out[prefix + name] = t
+        out[prefix + name] = t if dtype is None else t.to(dtype)
     return out
 
 
@@ -332,13 +360,14 @@ def _save(out_dir: pathlib.Path, stem: str, state: dict[str, torch.Tensor], yaml
 
 _YAML = """\
 model:
-  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  target: ldm.models.diffusion.ddpm.{target}
   params:
     {{linear_start: 0.00085, linear_end: 0.012, num_timesteps_cond: 1, log_every_t: 200, timesteps: 1000,
      first_stage_key: jpg, cond_stage_key: txt, image_size: 64, channels: {z}, cond_stage_trainable: false,
-     conditioning_key: crossattn, monitor: val/loss_simple_ema, scale_factor: 0.18215, use_ema: false,
+     conditioning_key: {conditioning}, {inpaint_params}monitor: val/loss_simple_ema, scale_factor: 0.18215,
+     use_ema: false,
      unet_config: {{target: ldm.modules.diffusionmodules.openaimodel.UNetModel, params: {{
-       image_size: 32, in_channels: {z}, out_channels: {z}, model_channels: {mc}, attention_resolutions: [4, 2, 1],
+       image_size: 32, in_channels: {cin}, out_channels: {z}, model_channels: {mc}, attention_resolutions: [4, 2, 1],
        num_res_blocks: 2, channel_mult: {mult}, num_head_channels: {head}, use_spatial_transformer: true,
        transformer_depth: 1, context_dim: {ctx}, use_checkpoint: false, legacy: false}}}},
      first_stage_config: {{target: ldm.models.autoencoder.AutoencoderKL, params: {{
@@ -349,11 +378,13 @@ model:
 """
 
 
-def make_tiny_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
-    """Write the SD 1.x checkpoint, its YAML and CLIP folder into ``out_dir``; return the checkpoint path."""
-    out_dir, stem, clip_dir, text_config = _start(out_dir, STEM, seed)
+def make_tiny_checkpoint(out_dir: pathlib.Path, seed: int = 0, inpaint: bool = False) -> pathlib.Path:
+    """Write the SD 1.x checkpoint, its YAML and CLIP folder into ``out_dir``; return the checkpoint
+    path. ``inpaint``: the SD 1.5-inpainting layout (9 input channels, ldm's LatentInpaintDiffusion
+    with the hybrid conditioning of v1-inpainting-inference.yaml)."""
+    out_dir, stem, clip_dir, text_config = _start(out_dir, STEM + INPAINT * inpaint, seed)
     gen = torch.Generator().manual_seed(seed)
-    state = _random(unet_shapes(), "model.diffusion_model.", gen)
+    state = _random(unet_shapes(cin=INPAINT_CHANNELS if inpaint else LATENT), "model.diffusion_model.", gen)
     state |= _random(vae_shapes(), "first_stage_model.", gen)
     state |= _clip_text_state(text_config, "cond_stage_model.transformer.", seed)
     # The webui rescales the prompt embedding to keep its mean ("Original" emphasis in
@@ -361,6 +392,11 @@ def make_tiny_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
     # latents and black images. An offset keeps the mean away from 0.
     state["cond_stage_model.transformer.text_model.final_layer_norm.bias"] += 0.5
     text = _YAML.format(
+        target="LatentInpaintDiffusion" if inpaint else "LatentDiffusion",
+        conditioning="hybrid" if inpaint else "crossattn",
+        # as v1-inpainting-inference.yaml: not a finetuning run (ldm would want its ckpt_path)
+        inpaint_params="finetune_keys: null, " if inpaint else "",
+        cin=INPAINT_CHANNELS if inpaint else LATENT,
         z=LATENT,
         mc=UNET_CHANNELS,
         mult=list(UNET_MULT),
@@ -373,8 +409,9 @@ def make_tiny_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
     return _save(out_dir, stem, state, text)
 
 
-def _sdxl_config(clip_dir: pathlib.Path, ctx: int, adm: int) -> dict:
-    """configs/inference/sd_xl_base.yaml of generative-models, shrunk."""
+def _sdxl_config(clip_dir: pathlib.Path, ctx: int, adm: int, cin: int = LATENT) -> dict:
+    """configs/inference/sd_xl_base.yaml of generative-models, shrunk (``cin`` 9: the webui's
+    configs/sd_xl_inpaint.yaml)."""
     size_embedders = [
         {"is_trainable": False, "input_key": key, "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
          "params": {"outdim": SIZE_EMBED}}
@@ -390,7 +427,7 @@ def _sdxl_config(clip_dir: pathlib.Path, ctx: int, adm: int) -> dict:
             "discretization_config": {"target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"},
         }},
         "network_config": {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
-            "adm_in_channels": adm, "num_classes": "sequential", "use_checkpoint": False, "in_channels": LATENT,
+            "adm_in_channels": adm, "num_classes": "sequential", "use_checkpoint": False, "in_channels": cin,
             "out_channels": LATENT, "model_channels": UNET_CHANNELS, "attention_resolutions": [4, 2],
             "num_res_blocks": 2, "channel_mult": list(SDXL_MULT), "num_head_channels": HEAD_WIDTH,
             "use_spatial_transformer": True, "use_linear_in_transformer": True,
@@ -418,21 +455,24 @@ def _sdxl_config(clip_dir: pathlib.Path, ctx: int, adm: int) -> dict:
     }}}
 
 
-def make_tiny_sdxl_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
-    """Write the SDXL base checkpoint, its YAML and CLIP folder into ``out_dir``; return the checkpoint path."""
-    out_dir, stem, clip_dir, text_config = _start(out_dir, SDXL_STEM, seed)
+def make_tiny_sdxl_checkpoint(out_dir: pathlib.Path, seed: int = 0, inpaint: bool = False) -> pathlib.Path:
+    """Write the SDXL base checkpoint, its YAML and CLIP folder into ``out_dir``; return the checkpoint
+    path. ``inpaint``: the SDXL inpainting layout (9 input channels; the webui sets ``is_sdxl_inpaint``
+    from that and concatenates mask and masked image itself, modules/sd_models_xl.py)."""
+    out_dir, stem, clip_dir, text_config = _start(out_dir, SDXL_STEM + INPAINT * inpaint, seed)
+    cin = INPAINT_CHANNELS if inpaint else LATENT
     open_clip_shapes = open_clip_text_shapes()
     pooled = open_clip_shapes["text_projection"][1]
     ctx = TEXT_WIDTH + open_clip_shapes["ln_final.weight"][0]
     adm = pooled + 3 * 2 * SIZE_EMBED
     gen = torch.Generator().manual_seed(seed)
     state = _random(unet_shapes(mult=SDXL_MULT, ctx=ctx, depth=SDXL_DEPTH, middle=SDXL_DEPTH[-1], linear=True,
-                                adm=adm), "model.diffusion_model.", gen)
+                                adm=adm, cin=cin), "model.diffusion_model.", gen)
     vae = vae_shapes(mult=SDXL_VAE_MULT, nres=SDXL_VAE_RES, attn=False, resample_conv=False)
     state |= _random(vae, "first_stage_model.", gen)
     state |= _random(open_clip_shapes, "conditioner.embedders.1.model.", gen)
     state |= _clip_text_state(text_config, "conditioner.embedders.0.transformer.", seed)
-    text = OmegaConf.to_yaml(OmegaConf.create(_sdxl_config(clip_dir, ctx, adm)))
+    text = OmegaConf.to_yaml(OmegaConf.create(_sdxl_config(clip_dir, ctx, adm, cin)))
     return _save(out_dir, stem, state, text)
 
 
@@ -454,7 +494,33 @@ def make_forge_sd1_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.P
     return _save(out_dir, _stem(FORGE_SD1_STEM, seed), state, None)
 
 
-WRITERS = {"sd1": make_tiny_checkpoint, "sdxl": make_tiny_sdxl_checkpoint, "forge-sd1": make_forge_sd1_checkpoint}
+def make_forge_sdxl_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """Write the SDXL base checkpoint for Forge 2 into ``out_dir`` (no YAML, no CLIP folder: Forge
+    ships both); return the checkpoint path."""
+    out_dir = pathlib.Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text_config = CLIPTextConfig(**CLIP_L_CONFIG)
+    open_clip_shapes = open_clip_text_shapes(CLIP_G_ARCH)
+    ctx = text_config.hidden_size + open_clip_shapes["ln_final.weight"][0]
+    adm = open_clip_shapes["text_projection"][1] + 3 * 2 * SIZE_EMBED
+    gen = torch.Generator().manual_seed(seed)
+    half = torch.float16  # cast tensor by tensor: 1.8 G parameters would take 7 GB in float32
+    state = _random(unet_shapes(mc=FORGE_SDXL_CHANNELS, mult=SDXL_MULT, ctx=ctx, depth=FORGE_SDXL_DEPTH, middle=1,
+                                linear=True, adm=adm, depth_out=FORGE_SDXL_DEPTH_OUT), "model.diffusion_model.", gen,
+                    half)
+    state |= _random(vae_shapes(ch=SD_VAE_CHANNELS, mult=SD_VAE_MULT, nres=SD_VAE_RES), "first_stage_model.", gen, half)
+    state |= _random(open_clip_shapes, "conditioner.embedders.1.model.", gen, half)
+    state |= _clip_text_state(text_config, "conditioner.embedders.0.transformer.", seed)
+    # Forge's SDXL takes both prompt embeddings from the penultimate layer, before the final
+    # LayerNorm (backend/diffusion_engine/sdxl.py): no offset needed for the emphasis' mean.
+    state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    return _save(out_dir, _stem(FORGE_SDXL_STEM, seed), state, None)
+
+
+WRITERS = {"sd1": make_tiny_checkpoint, "sdxl": make_tiny_sdxl_checkpoint, "forge-sd1": make_forge_sd1_checkpoint,
+           "forge-sdxl": make_forge_sdxl_checkpoint,
+           "sd1-inpaint": functools.partial(make_tiny_checkpoint, inpaint=True),
+           "sdxl-inpaint": functools.partial(make_tiny_sdxl_checkpoint, inpaint=True)}
 
 if __name__ == "__main__":
     args = sys.argv[1:]
