@@ -5,6 +5,9 @@ recipe's native size and 60% share, and the model left as it was; a T2I-Adapter'
 
 from __future__ import annotations
 
+import enum
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +16,7 @@ from unets import make_inputs, make_unet
 
 import hidiffusion_lib as hd
 from hidiffusion_lib.controlnet import control_latent_size, control_runs, fit_features, fit_residuals
+from hidiffusion_lib.hosts import A1111
 
 
 def hint_for(h: int, w: int) -> torch.Tensor:
@@ -202,3 +206,28 @@ def test_fit_features_takes_the_landing_blocks_sizes():
     assert [tuple(f.shape[-2:]) for f in out] == [(4, 4), (2, 2), (1, 1)]
     torch.testing.assert_close(out[1], torch.ones(1, 2, 2, 2))  # bicubic keeps a constant
     assert fit_features(features, sizes, (1, 3)) == features  # another count: the host's business
+
+
+class ModelType(enum.Enum):
+    """sd-webui-controlnet's ControlModelType (scripts/enums.py), the members that matter here."""
+
+    ControlNet = "ControlNet"
+    T2I_Adapter = "T2I_Adapter"
+    T2I_StyleAdapter = "T2I_StyleAdapter"
+    IPAdapter = "IPAdapter"
+
+    @property
+    def is_controlnet(self) -> bool:
+        return self is ModelType.ControlNet
+
+
+@pytest.mark.parametrize(("is_sdxl", "lands"), [(False, (2, 5, 8, 11)), (True, (3, 5, 8, -1))])
+def test_a1111_host_returns_controlnets_and_t2i_adapters_with_their_blocks(is_sdxl, lands):
+    models = {kind: torch.nn.Identity() for kind in ModelType}
+    params = [SimpleNamespace(control_model=model, control_model_type=kind, stop_guidance_percent=0.5)
+              for kind, model in models.items()]
+    p = SimpleNamespace(sd_model=SimpleNamespace(is_sdxl=is_sdxl), scripts=SimpleNamespace(alwayson_scripts=[
+        SimpleNamespace(latest_network=SimpleNamespace(control_params=params))]))
+    units = A1111().control_units(p)
+    assert [(u.model, u.end, u.lands, u.adapter) for u in units] == [
+        (models[ModelType.ControlNet], 0.5, None, False), (models[ModelType.T2I_Adapter], 0.5, lands, True)]
