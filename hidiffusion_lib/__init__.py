@@ -17,7 +17,7 @@ _EXPORTS = {
     ".blockmap": ("BLOCK_MAPS", "BlockMap", "Switch"),
     ".detection": ("ArchMismatch", "RefinerUNet", "UnsupportedUNet", "detect"),
     ".patching": ("HiDiffusionHandle", "apply", "remove"),
-    ".controlnet": ("control_latent_size", "install_control", "remove_control"),
+    ".controlnet": ("control_latent_size", "install_adapter", "install_control", "remove_control"),
     ".schedule": ("CONTROL_SHARE", "CONTROLNET_PRESETS", "PRESETS", "Schedule", "active_switches", "gated",
                   "heunpp2_calls", "preset_for", "resolve", "step_of_call", "step_of_calls",
                   "step_of_progress", "switch_table"),

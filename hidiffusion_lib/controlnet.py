@@ -13,6 +13,14 @@ it. The ControlNet ratios (``Settings.controlnet``) are the third part, in :mod:
 
     install_control(control_model, handle, recipe=True)  # before sampling
     remove_control(control_model)                         # after it
+
+A T2I-Adapter (sd-webui-controlnet's ``PlugableAdapter``) returns a few features that the host
+adds to the outputs of some input blocks (``lands``); they are resized bicubic to those blocks'
+sizes at each step as residuals are. The recipe is the authors' for ControlNets and does not
+apply: the adapter reads the control image alone (not the latent), so it has no native size to
+run at, and it keeps running on the steps the host gives it (its unit's own steps).
+
+    install_adapter(adapter, handle, lands)  # before sampling; remove_control(adapter) after it
 """
 
 from __future__ import annotations
@@ -53,6 +61,53 @@ def fit_residuals(residuals: Sequence, sizes: Sequence[tuple[int, int]]) -> list
         if isinstance(r, torch.Tensor) and r.ndim == 4 and tuple(r.shape[-2:]) != tuple(size) else r
         for r, size in zip(residuals, sizes, strict=True)
     ]
+
+
+def fit_features(features: Sequence, sizes: Sequence[tuple[int, int]], lands: Sequence[int]) -> list:
+    """Each adapter feature resized bicubic to the size of the block it lands on.
+
+    features: what the adapter returned, one per entry of ``lands``; sizes: every input
+    block's output size at this step, then the middle block's; lands: for each feature, the
+    index into ``sizes`` of the block its host adds it to (-1: the middle block). A list of
+    another length comes back unchanged for the host to handle.
+    """
+    if len(features) != len(lands):
+        return list(features)
+    return fit_residuals(features, [sizes[index] for index in lands])
+
+
+def install_adapter(adapter: nn.Module, handle: HiDiffusionHandle, lands: Sequence[int]) -> None:
+    """Wrap ``adapter`` (called by keyword as ``adapter(hint=image, x=latent, ...)``, returning
+    one feature per entry of ``lands``) so that its features fit the live patch ``handle``'s
+    levels at every call.
+
+    lands: for each feature, the input block whose output the host adds it to (-1: the middle
+    block's), as :func:`fit_features` takes them.
+    """
+    remove_control(adapter)
+    previous = adapter.__dict__.get("forward")
+    state = handle.state
+    lands = tuple(lands)
+
+    def forward(*args, **kwargs):
+        # the latent only tells the step's sizes: sd-webui-controlnet passes it as x= (the
+        # adapter's first positional parameter is the hint)
+        x = kwargs.get("x", args[1] if len(args) > 1 else None)
+        out = call_original(adapter, previous, *args, **kwargs)
+        if not state.alive or not isinstance(x, torch.Tensor) or x.ndim != 4 or not isinstance(out, (list, tuple)):
+            return out
+        latent_h, latent_w = (int(n) for n in x.shape[-2:])
+        if handle.gated_at(latent_h, latent_w):
+            return out
+        sizes = state.skips_at(latent_h, latent_w)
+        sizes.append(sizes[-1])  # the middle block keeps the last input block's size
+        # PlugableAdapter computes its features once and returns a copy of them at every call:
+        # resizing the copy here, per call, fits each step's sizes and leaves its cache alone
+        out = fit_features(out, sizes, lands)
+        state.pending_features = [tuple(f.shape[-2:]) for f in out if isinstance(f, torch.Tensor)]
+        return out
+
+    adapter.forward = marked(forward, state, previous)
 
 
 def install_control(control_model: nn.Module, handle: HiDiffusionHandle, recipe: bool = True,

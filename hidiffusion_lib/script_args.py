@@ -317,6 +317,14 @@ def controlnet_note(units: int, recipe: bool, control_size: tuple[int, int] | No
     return f"{units} unit(s): recipe, {where} ({steps}); {fitted}"
 
 
+def adapter_note(adapters: int) -> str:
+    """What HiDiffusion did with ``adapters`` T2I-Adapter units in a pass: their features fitted,
+    on every step the host adds them; the recipe (native size, 60% of the steps) is the
+    authors' for ControlNets and does not apply to them."""
+    return (f"{adapters} T2I-Adapter unit(s): features resized bicubic to the U-Net's levels "
+            "(no recipe: it is for ControlNets)")
+
+
 def unsupported_message(error: Exception, model: str, name: str) -> str:
     """Why a generation is refused: the Model preset ``model`` the user chose does not fit the
     loaded model (with Auto, a model without a block map is skipped instead: unsupported_note);

@@ -36,6 +36,7 @@ class Forward(NamedTuple):
     skips: list[tuple[int, int]]
     residuals: list[tuple[int, int]] | None
     control: tuple[int, int] | None
+    features: list[tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class State:
     resampling: Resampling | None = None
     pending_residuals: list[tuple[int, int]] | None = None
     pending_control: tuple[int, int] | None = None
+    pending_features: list[tuple[int, int]] | None = None
 
     def switches_at(self, latent_h: int, latent_w: int) -> tuple[bool, Schedule, dict[str, bool]]:
         """(gated, schedule, active switches) of a forward at this latent size and the current step."""
@@ -92,8 +94,8 @@ class State:
             self.shift_indices = shift_indices(settings, self.step, len(detected.block_map.windowed))
         self.trace.append(Forward(self.step, self.steps, latent_h, latent_w, self.active["main"], self.active["extra"],
                                   tuple(self.shift_indices) if self.windows_on else None, [],
-                                  self.pending_residuals, self.pending_control))
-        self.pending_residuals = self.pending_control = None
+                                  self.pending_residuals, self.pending_control, self.pending_features))
+        self.pending_residuals = self.pending_control = self.pending_features = None
 
     def skips_at(self, latent_h: int, latent_w: int) -> list[tuple[int, int]]:
         """The output size of every input block in a forward at this latent size and the current

@@ -5,12 +5,16 @@ runs in tests/e2e/test_controlnet_e2e.py).
 (scripts/hook.py, ``UnetHook.hook``) puts on the U-Net: it calls the control model first, by
 keyword (x, hint, timesteps, context), then runs the U-Net's blocks itself and adds the
 residuals with ``aligned_adding`` (nearest resize where sizes differ) to the skips on the way
-up and to the middle block's output. ``TinyControlNet`` has a ControlNet's interface and
+up and to the middle block's output. ``adapter_forward`` is the same loop with a T2I-Adapter
+unit: its features added (``aligned_adding``) to the outputs of the input blocks its
+``t2i_injection`` names (SDXL's fourth to the middle block's). ``TinyControlNet`` has a ControlNet's interface and
 output (the benchmark's, hidiffusion_lib/bench/controlnet.py): the encoder of a small random ldm
 U-Net fed latent + embedded control image, one residual per input block plus the middle one.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -66,3 +70,59 @@ class TinyControlNet(ControlNet):
     def forward(self, x, hint, timesteps, context, **kwargs):
         self.calls.append((tuple(x.shape[-2:]), tuple(hint.shape[-2:])))
         return super().forward(x, hint, timesteps, context)
+
+
+def adapter_forward(unet: nn.Module, adapter: nn.Module, x: torch.Tensor, t: torch.Tensor, context,
+                    hint: torch.Tensor, lands: tuple[int, ...]) -> torch.Tensor:
+    """One U-Net call with a T2I-Adapter's features, in sd-webui-controlnet's order: the adapter
+    called by keyword, then feature k added to the output of input block ``lands[k]`` (-1: of
+    the middle block)."""
+    with torch.no_grad():
+        features = list(adapter(x=x, hint=hint, timesteps=t, context=context))
+        emb = unet.time_embed(timestep_embedding(t, unet.model_channels, repeat_only=False))
+        hs, h = [], x
+        for i, module in enumerate(unet.input_blocks):
+            h = module(h, emb, context)
+            if i in lands:
+                h = aligned_adding(h, features.pop(0))
+            hs.append(h)
+        h = unet.middle_block(h, emb, context)
+        if -1 in lands:
+            h = aligned_adding(h, features.pop(0))
+        for module in unet.output_blocks:
+            h = module(torch.cat([h, hs.pop()], dim=1), emb, context)
+        return unet.out(h.type(x.dtype))
+
+
+# scripts/hook.py ``t2i_injection``: the input blocks a T2I-Adapter's features are added to (-1: the middle block)
+T2I_LANDS = {"sd1": (2, 5, 8, 11), "sdxl": (3, 5, 8, -1)}
+
+
+class TinyAdapter(nn.Module):
+    """A T2I-Adapter with sd-webui-controlnet's ``PlugableAdapter`` interface (scripts/adapter.py):
+    ``forward(hint=None, x=None, ...)`` computes its features from the control image once,
+    caches them and returns a deep copy at every call. The features are those of the
+    extension's ``Adapter`` at the sizes and channels of a small ``layout`` U-Net's landing
+    blocks (tests/unets.py, 32 channels): the image pixel-unshuffled to the latent grid (SDXL:
+    half of it), then 1x1 convs, average pooling where the U-Net halves the size."""
+
+    def __init__(self, layout: str, seed: int = 6) -> None:
+        super().__init__()
+        self.shuffle = 8 if layout == "sd1" else 16
+        self.channels = (32, 64, 128, 128)
+        self.down = (False, True, True, True) if layout == "sd1" else (False, False, True, False)
+        ins = (3 * self.shuffle**2, *self.channels[:-1])
+        self.convs = nn.ModuleList(nn.Conv2d(cin, cout, 1) for cin, cout in zip(ins, self.channels, strict=True))
+        randomize(self, seed).eval()
+        self.control: list[torch.Tensor] | None = None
+        self.computed = 0
+
+    def forward(self, hint=None, x=None, *args, **kwargs):
+        if self.control is None:
+            self.computed += 1
+            h, self.control = F.pixel_unshuffle(hint, self.shuffle), []
+            with torch.no_grad():  # as the webui samples
+                for conv, down in zip(self.convs, self.down, strict=True):
+                    h = conv(F.avg_pool2d(h, 2) if down else h)
+                    self.control.append(h)
+        return copy.deepcopy(self.control)

@@ -1,16 +1,22 @@
 """ControlNet beside HiDiffusion (hidiffusion_lib/controlnet.py) in sd-webui-controlnet's U-Net
 loop (tests/controlnet_host.py): residuals land on the skips as they are at each step, the
-recipe's native size and 60% share, and the model left as it was."""
+recipe's native size and 60% share, and the model left as it was; a T2I-Adapter's features
+(tests/controlnet_host.py adapter_forward) land on the levels as they are at each step."""
 
 from __future__ import annotations
 
+import enum
+from types import SimpleNamespace
+
 import pytest
 import torch
-from controlnet_host import TinyControlNet, controlled_forward
+import torch.nn.functional as F
+from controlnet_host import T2I_LANDS, TinyAdapter, TinyControlNet, adapter_forward, controlled_forward
 from unets import make_inputs, make_unet
 
 import hidiffusion_lib as hd
-from hidiffusion_lib.controlnet import control_latent_size, control_runs, fit_residuals
+from hidiffusion_lib.controlnet import control_latent_size, control_runs, fit_features, fit_residuals
+from hidiffusion_lib.hosts import A1111
 
 
 def hint_for(h: int, w: int) -> torch.Tensor:
@@ -127,3 +133,101 @@ def test_controlnet_ratios_only_where_the_authors_have_them():
     assert hd.resolve(hd.Settings(controlnet=True, t1=0.3), "sdxl", 256, 256).t1 == 0.3
     with pytest.raises(TypeError, match="controlnet"):
         hd.Settings(controlnet="yes").validate()
+
+
+@pytest.mark.parametrize("layout", ["sd1", "sdxl"])
+def test_adapter_features_land_resized_bicubic_on_raunet_steps_and_unchanged_on_others(layout):
+    unet, adapter = make_unet(layout), TinyAdapter(layout)
+    plain = TinyAdapter(layout)  # the same weights, never wrapped: the host's nearest resize
+    lands = T2I_LANDS[layout]
+    size, steps = (32, 48), 4
+    x, t, context = make_inputs(layout, 1, *size)
+    hint = hint_for(*size)
+    raw = plain(hint=hint)
+    full = [tuple(f.shape[-2:]) for f in raw]
+    mains = []
+    with hd.apply(unet, hd.Settings(t1=0.5, aggressive=False)) as handle:
+        hd.install_adapter(adapter, handle, lands)
+        for step in range(steps):
+            handle.set_step(step, steps)
+            fitted = adapter_forward(unet, adapter, x, t, context, hint, lands)
+            forward = handle.trace[-1]
+            sizes = [*forward.skips, forward.skips[-1]]
+            assert forward.features == [sizes[i] for i in lands], f"step {step}"
+            nearest = adapter_forward(unet, plain, x, t, context, hint, lands)
+            assert handle.trace[-1].features is None
+            mains.append(forward.main)
+            if forward.main:
+                assert forward.features != full
+                assert (fitted - nearest).abs().max() > 1e-3
+                # each feature is the bicubic resize of the adapter's own
+                for feature, own, want in zip(adapter(x=x, hint=hint), raw, forward.features, strict=True):
+                    torch.testing.assert_close(feature, F.interpolate(own, size=want, mode="bicubic"), rtol=0, atol=0)
+            else:
+                assert forward.features == full
+                torch.testing.assert_close(fitted, nearest, rtol=0, atol=0)
+    assert mains == [True, True, False, False]
+    # the adapter computed its features once; its cache kept the full sizes
+    assert adapter.computed == 1 and [tuple(f.shape[-2:]) for f in adapter.control] == full
+
+
+def test_adapter_is_unwrapped_and_runs_as_before_after_removal():
+    unet, adapter = make_unet("sd1"), TinyAdapter("sd1")
+    lands = T2I_LANDS["sd1"]
+    x, t, context = make_inputs("sd1", 2, 32, 32)
+    hint = hint_for(32, 32)
+    before = adapter_forward(unet, adapter, x, t, context, hint, lands)
+    with hd.apply(unet, hd.Settings(t1=1.0)) as handle:
+        handle.set_step(0, 10)
+        hd.install_adapter(adapter, handle, lands)
+        on = adapter_forward(unet, adapter, x, t, context, hint, lands)
+        assert handle.trace[-1].main and handle.trace[-1].features is not None
+    assert (on - before).abs().max() > 1e-3
+    # the patch removed, a wrapper left behind passes the features through as they are
+    torch.testing.assert_close(adapter_forward(unet, adapter, x, t, context, hint, lands), before, rtol=0, atol=0)
+    assert hd.remove_control(adapter) == 1 and hd.remove_control(adapter) == 0 and "forward" not in vars(adapter)
+    torch.testing.assert_close(adapter_forward(unet, adapter, x, t, context, hint, lands), before, rtol=0, atol=0)
+
+
+def test_adapter_is_left_alone_in_a_native_size_pass():
+    unet, adapter = make_unet("sd1"), TinyAdapter("sd1")
+    x, t, context = make_inputs("sd1", 1, 64, 64)
+    with hd.apply(unet, hd.Settings(native_gate=True)) as handle:
+        hd.install_adapter(adapter, handle, T2I_LANDS["sd1"])
+        handle.set_step(0, 5)
+        adapter_forward(unet, adapter, x, t, context, hint_for(64, 64), T2I_LANDS["sd1"])
+    assert handle.trace[-1].features is None
+
+
+def test_fit_features_takes_the_landing_blocks_sizes():
+    features = [torch.ones(1, 2, 8, 8), torch.ones(1, 2, 4, 4), torch.ones(1, 2, 2, 2)]
+    sizes = [(8, 8), (4, 4), (4, 4), (2, 2), (1, 1)]
+    out = fit_features(features, sizes, (1, 3, -1))
+    assert [tuple(f.shape[-2:]) for f in out] == [(4, 4), (2, 2), (1, 1)]
+    torch.testing.assert_close(out[1], torch.ones(1, 2, 2, 2))  # bicubic keeps a constant
+    assert fit_features(features, sizes, (1, 3)) == features  # another count: the host's business
+
+
+class ModelType(enum.Enum):
+    """sd-webui-controlnet's ControlModelType (scripts/enums.py), the members that matter here."""
+
+    ControlNet = "ControlNet"
+    T2I_Adapter = "T2I_Adapter"
+    T2I_StyleAdapter = "T2I_StyleAdapter"
+    IPAdapter = "IPAdapter"
+
+    @property
+    def is_controlnet(self) -> bool:
+        return self is ModelType.ControlNet
+
+
+@pytest.mark.parametrize(("is_sdxl", "lands"), [(False, (2, 5, 8, 11)), (True, (3, 5, 8, -1))])
+def test_a1111_host_returns_controlnets_and_t2i_adapters_with_their_blocks(is_sdxl, lands):
+    models = {kind: torch.nn.Identity() for kind in ModelType}
+    params = [SimpleNamespace(control_model=model, control_model_type=kind, stop_guidance_percent=0.5)
+              for kind, model in models.items()]
+    p = SimpleNamespace(sd_model=SimpleNamespace(is_sdxl=is_sdxl), scripts=SimpleNamespace(alwayson_scripts=[
+        SimpleNamespace(latest_network=SimpleNamespace(control_params=params))]))
+    units = A1111().control_units(p)
+    assert [(u.model, u.end, u.lands, u.adapter) for u in units] == [
+        (models[ModelType.ControlNet], 0.5, None, False), (models[ModelType.T2I_Adapter], 0.5, lands, True)]

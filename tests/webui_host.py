@@ -97,8 +97,9 @@ def controlnet_units(*units: tuple) -> SimpleNamespace:
     params = [SimpleNamespace(control_model=model, hint_cond=hint, stop_guidance_percent=end,
                               start_guidance_percent=0.0, control_model_type=SimpleNamespace(is_controlnet=True))
               for model, hint, end in units]
-    controlnet = SimpleNamespace(latest_network=SimpleNamespace(control_params=params))
-    return SimpleNamespace(alwayson_scripts=[SimpleNamespace(), controlnet])
+    # every webui Script has a title() (the host looks for Tiled Diffusion's by it)
+    controlnet = SimpleNamespace(latest_network=SimpleNamespace(control_params=params), title=lambda: "ControlNet")
+    return SimpleNamespace(alwayson_scripts=[SimpleNamespace(title=lambda: "Other"), controlnet])
 
 
 class Host:

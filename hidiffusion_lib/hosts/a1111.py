@@ -10,6 +10,10 @@ from .base import ControlUnit, StepAside, family_of
 # multidiffusion-upscaler-for-automatic1111 (scripts/tilediffusion.py): its sampler runs the U-Net
 # on tiles near the training size, the duplication RAU-Net exists to avoid at full size.
 TILED_DIFFUSION = "Tiled Diffusion"
+# sd-webui-controlnet v1.1.455 (scripts/hook.py, its U-Net forward) adds a T2I-Adapter's four
+# features to the outputs of these input blocks (``t2i_injection``); SDXL's fourth to the middle block's
+T2I_LANDS = (2, 5, 8, 11)
+T2I_LANDS_SDXL = (3, 5, 8, -1)
 TILES = ("off: Tiled Diffusion is on; its U-Net calls are tiles near the training size, so HiDiffusion "
          "leaves the pass to it")
 
@@ -41,14 +45,25 @@ class A1111:
 
     def control_units(self, p: object) -> list[ControlUnit]:
         """sd-webui-controlnet keeps its units on its Script's ``latest_network.control_params``
-        after its ``process`` (scripts/controlnet.py, scripts/hook.py UnetHook, v1.1.455)."""
+        after its ``process`` (scripts/controlnet.py, scripts/hook.py UnetHook, v1.1.455): its
+        ControlNets and its T2I-Adapters (``ControlModelType.T2I_Adapter``; not the style
+        adapter, whose tokens go to the prompt, nor IP-Adapter, which changes cross-attention)."""
+        # the hook takes SDXL's injection points from the model's flag (and a y it passes)
+        lands = T2I_LANDS_SDXL if getattr(getattr(p, "sd_model", None), "is_sdxl", False) else T2I_LANDS
         for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", None) or []:
             params = getattr(getattr(script, "latest_network", None), "control_params", None)
             if params:
-                return [ControlUnit(param.control_model, float(getattr(param, "stop_guidance_percent", 1.0)))
-                        for param in params
-                        if getattr(getattr(param, "control_model_type", None), "is_controlnet", False)
-                        and callable(getattr(param, "control_model", None))]
+                units = []
+                for param in params:
+                    kind = getattr(param, "control_model_type", None)
+                    if not callable(getattr(param, "control_model", None)):
+                        continue
+                    end = float(getattr(param, "stop_guidance_percent", 1.0))
+                    if getattr(kind, "is_controlnet", False):
+                        units.append(ControlUnit(param.control_model, end))
+                    elif getattr(kind, "name", None) == "T2I_Adapter":
+                        units.append(ControlUnit(param.control_model, end, lands))
+                return units
         return []
 
     def step_aside(self, p: object, opts: object) -> StepAside:

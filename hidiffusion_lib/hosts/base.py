@@ -16,10 +16,19 @@ class ControlUnit:
         block plus the middle one (a ControlNet).
     end: the fraction of the steps after which the host stops running it (its Ending Control
         Step; 1.0 when left at the default).
+    lands: None for a ControlNet; for a T2I-Adapter (called as ``model(hint=image, x=latent,
+        ...)``, returning a few features), the input block whose output the host adds each
+        feature to (-1: the middle block's).
     """
 
     model: nn.Module
     end: float = 1.0
+    lands: tuple[int, ...] | None = None
+
+    @property
+    def adapter(self) -> bool:
+        """Whether this is a T2I-Adapter (features on a few levels, no recipe)."""
+        return self.lands is not None
 
 
 @dataclass(frozen=True)

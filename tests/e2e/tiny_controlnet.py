@@ -1,9 +1,10 @@
 """Write tiny random-weight ControlNet models for the tiny U-Nets of tiny_checkpoint.py, and fit
 the sd-webui-controlnet extension's loader to them inside the webui.
 
-``python tests/e2e/tiny_controlnet.py OUT_DIR sd1|sdxl|forge-sd1 [SEED]`` writes one file,
-``OUT_DIR/tiny-controlnet-sd15.safetensors``, ``OUT_DIR/tiny-controlnet-sdxl.safetensors`` or
-``OUT_DIR/tiny-controlnet-forge-sd15.safetensors`` (``...-seedSEED.safetensors`` for a non-zero
+``python tests/e2e/tiny_controlnet.py OUT_DIR sd1|sdxl|forge-sd1|t2i-sd1|t2i-sdxl [SEED]`` writes
+one file, ``OUT_DIR/tiny-controlnet-sd15.safetensors``, ``OUT_DIR/tiny-controlnet-sdxl.safetensors``,
+``OUT_DIR/tiny-controlnet-forge-sd15.safetensors``, ``OUT_DIR/tiny-t2iadapter-sd15.safetensors``
+or ``OUT_DIR/tiny-t2iadapter-xl.safetensors`` (``...-seedSEED.safetensors`` for a non-zero
 SEED), and prints its path. The name tells the extension the model's base ("sd15" / "xl" in it,
 scripts/enums.py); point its ``--controlnet-dir`` at OUT_DIR. The keys are those of the
 extension's ``ControlNet`` (scripts/cldm.py) under the ``control_model.`` prefix of the original
@@ -25,6 +26,16 @@ Weights are random (biases 0, norm scales 1, other weights N(0, 1/fan_in), the s
 and so are the "zero" convs, the hint block's last conv included: a trained ControlNet starts
 them at zero, which would make an untrained one a no-op. ``_nonzero_outputs`` checks that each
 of them has a non-zero weight, so every residual moves the image.
+
+``t2i-sd1`` / ``t2i-sdxl``: a T2I-Adapter (the extension's ``Adapter``, scripts/adapter.py) for the
+tiny sd1 / sdxl U-Net, with the keys of the released ``t2iadapter_*`` files (``conv_in``, ``body.N``
+res blocks, no prefix). The loader reads its layout from the keys (``conv_in`` found: channels
+c, 2c, 4c, 4c from its output, SDXL's pixel unshuffle of 16 when its input has 256 or 768
+channels, ``ksize`` from ``body.0.block2``, no ``down_opt`` convs: average pooling), so the tiny
+c = 32 gives the tiny U-Nets' channels where the extension adds the features (sd1: input blocks
+2, 5, 8, 11 at 32, 64, 128, 128; sdxl: 3, 5, 8 and the middle block at 32, 64, 128, 128) and
+no fitting is needed; the loader loads it non-strictly, so the webui script below makes that
+load strict for these models.
 
 The loader (scripts/controlnet_model_guess.py) does not read a model's layout from its weights:
 it builds every ControlNet with the fixed layout of SD 1.5's (320 channels) or SDXL's, and
@@ -67,7 +78,8 @@ from tiny_checkpoint import (  # noqa: E402
     unet_shapes,
 )
 
-STEMS = {"sd1": "tiny-controlnet-sd15", "sdxl": "tiny-controlnet-sdxl", "forge-sd1": "tiny-controlnet-forge-sd15"}
+STEMS = {"sd1": "tiny-controlnet-sd15", "sdxl": "tiny-controlnet-sdxl", "forge-sd1": "tiny-controlnet-forge-sd15",
+         "t2i-sd1": "tiny-t2iadapter-sd15", "t2i-sdxl": "tiny-t2iadapter-xl"}
 PREFIX = "control_model."
 HINT_CHANNELS = 3
 HINT_WIDTHS = (16, 16, 32, 32, 96, 96, 256)  # the hint block's convs; every second one has stride 2
@@ -121,6 +133,27 @@ def controlnet_shapes(kind: str) -> Shapes:
     return s
 
 
+def adapter_shapes(kind: str) -> Shapes:
+    """Parameter shapes of the T2I-Adapter of ``kind`` ("t2i-sd1", "t2i-sdxl"), as the extension's
+    ``Adapter(cin, [c, 2c, 4c, 4c], nums_rb=2, ksize=1, sk=True, use_conv=False, is_sdxl)`` has them:
+    the RGB control image pixel-unshuffled by 8 (SDXL: 16) into ``cin`` channels, then per level
+    two res blocks, the first of a level with a 1x1 ``in_conv`` where the channels change."""
+    c = UNET_CHANNELS
+    channels = (c, 2 * c, 4 * c, 4 * c)
+    s: Shapes = {}
+    _conv(s, "conv_in", c, HINT_CHANNELS * (8 if kind == "t2i-sd1" else 16) ** 2)
+    previous = c
+    for i, ch in enumerate(channels):
+        for r in range(2):
+            block = f"body.{2 * i + r}"
+            if r == 0 and previous != ch:
+                _conv(s, f"{block}.in_conv", ch, previous, 1)
+            _conv(s, f"{block}.block1", ch, ch)
+            _conv(s, f"{block}.block2", ch, ch, 1)
+        previous = ch
+    return s
+
+
 def _nonzero_outputs(state: dict[str, torch.Tensor]) -> None:
     """Every conv that a trained ControlNet starts at zero has a non-zero weight here."""
     outputs = [k for k in state if ".zero_convs." in k or ".middle_block_out." in k
@@ -137,8 +170,11 @@ def make_tiny_controlnet(out_dir: pathlib.Path, kind: str = "sd1", seed: int = 0
     out_dir = pathlib.Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     # a seed of its own, so the weights differ from the checkpoint's of the same seed
-    state = _random(controlnet_shapes(kind), PREFIX, torch.Generator().manual_seed(1000 + seed))
-    _nonzero_outputs(state)
+    if kind.startswith("t2i-"):
+        state = _random(adapter_shapes(kind), "", torch.Generator().manual_seed(2000 + seed))
+    else:
+        state = _random(controlnet_shapes(kind), PREFIX, torch.Generator().manual_seed(1000 + seed))
+        _nonzero_outputs(state)
     if kind == "forge-sd1":  # as the forge-sd1 checkpoint and the released ControlNets
         state = {k: v.half() for k, v in state.items()}
     path = out_dir / f"{_stem(STEMS[kind], seed)}.safetensors"
@@ -177,20 +213,41 @@ def _with_tiny_layout(init):
     return __init__
 
 
+def _strict_for_tiny(load_state_dict):
+    @functools.wraps(load_state_dict)
+    def wrapper(self, state_dict, strict=True, *args, **kwargs):
+        first = state_dict.get("conv_in.weight")
+        if first is not None and first.shape[0] == UNET_CHANNELS:  # a tiny T2I-Adapter: every key must fit
+            result = load_state_dict(self, state_dict, True, *args, **kwargs)
+            print(f"tiny T2I-Adapter: loaded strictly ({type(self).__name__}, {len(state_dict)} tensors)")
+            return result
+        return load_state_dict(self, state_dict, strict, *args, **kwargs)
+
+    setattr(wrapper, PATCHED, True)
+    return wrapper
+
+
 def patch_controlnet_loader() -> int:
     """Wrap ``PlugableControlModel.__init__`` of every loaded module that has one (the
-    extension's ``scripts.cldm``, whose class its loader uses); returns how many classes were
-    wrapped now (0 without the extension, or when done already)."""
-    classes = {getattr(m, "PlugableControlModel", None) for m in list(sys.modules.values())}
+    extension's ``scripts.cldm``, whose class its loader uses), and ``load_state_dict`` of its
+    T2I-Adapter class (``scripts.adapter.Adapter``, beside ``PlugableAdapter``); returns how
+    many classes were wrapped now (0 without the extension, or when done already)."""
+    modules = list(sys.modules.values())
+    classes = {getattr(m, "PlugableControlModel", None) for m in modules}
     wrapped = 0
     for cls in classes - {None}:
         if isinstance(cls, type) and not getattr(cls.__init__, PATCHED, False):
             cls.__init__ = _with_tiny_layout(cls.__init__)
             wrapped += 1
+    adapters = {getattr(m, "Adapter", None) for m in modules if hasattr(m, "PlugableAdapter")}
+    for cls in adapters - {None}:
+        if isinstance(cls, type) and not getattr(cls.load_state_dict, PATCHED, False):
+            cls.load_state_dict = _strict_for_tiny(cls.load_state_dict)
+            wrapped += 1
     return wrapped
 
 
-WRITERS = {"sd1", "sdxl", "forge-sd1"}
+WRITERS = set(STEMS)
 
 if __name__ == "__main__":
     args = sys.argv[1:]
