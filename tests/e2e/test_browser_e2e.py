@@ -437,6 +437,37 @@ def test_paste_restores_and_clears(page):
     assert accordion_ticked(page, "txt2img") == (False, False)
 
 
+def test_paste_keeps_a_ratio_the_list_does_not_have(page):
+    """0.45 is a ratio the API takes and the dropdown does not list: paste restores it as it is,
+    and the image is made with it."""
+    _paste(page, INFOTEXT_ON.replace("HiDiffusion T1: 0.5", "HiDiffusion T1: 0.45"), "a red cube")
+    wait_ticked(page, "txt2img", True)
+    assert value_of(control(page, "txt2img", "t1")) == "0.45"
+    info, error = generate(page)
+    assert not error, error
+    assert infotext_entries(info).get("HiDiffusion T1") == "0.45", info
+
+
+def type_into(locator, text: str) -> None:
+    """Type into a dropdown's input key by key, as a user does: Gradio 3.41 takes a custom
+    value on keyup (a programmatic fill only fires ``input`` and leaves the value as it was)."""
+    field = locator.locator("input").first
+    field.fill("")
+    field.press_sequentially(text)
+    field.blur()
+
+
+def test_typed_ratio_is_used_and_checked_in_ui_words(page):
+    enable(page, "txt2img")
+    type_into(control(page, "txt2img", "t2"), "0.35")
+    assert value_of(control(page, "txt2img", "t2")) == "0.35"
+    info, error = generate(page)
+    assert not error and infotext_entries(info).get("HiDiffusion T2") == "0.35", error or info
+    type_into(control(page, "txt2img", "t2"), "abc")
+    _, error = generate(page)
+    assert "T2 ratio" in error and "abc" in error, error
+
+
 def test_native_size_says_skipped(page):
     enable(page, "txt2img")
     info, error = generate(page, width=512, height=512)
@@ -528,6 +559,104 @@ def test_settings_default_after_reload_ui(page):
             except Exception as error:  # the settings file is this run's own: it goes with the run
                 print(f"could not restore the shift default: {error}", file=sys.stderr)
 
+
+
+def _tab_button(page: Page, tabs_id: str, label: str):
+    return page.locator(f"#{tabs_id} > .tab-nav > button", has_text=re.compile(rf"^\s*{re.escape(label)}\s*$"))
+
+
+def _png_infotext(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.info.get("parameters", "")
+
+
+def _run_batch_tab(page: Page, source: Path, out: Path, count: int) -> dict[str, Path]:
+    """Generate from img2img's Batch tab (From directory) with the page's controls; returns each
+    output by its source's stem once ``count`` are written and the run has ended (the page still
+    shows an earlier run's log while a new one runs)."""
+    page.locator("#img2img_batch_input_dir textarea").fill(str(source))
+    page.locator("#img2img_batch_output_dir textarea").fill(str(out))
+    page.locator("#img2img_generate").click()
+    deadline = time.monotonic() + 3 * RUN_TIMEOUT / 1000
+    while len(list(out.glob("*.png"))) < count and time.monotonic() < deadline:
+        page.wait_for_timeout(500)
+    page.locator("#img2img_generate").wait_for(state="visible", timeout=RUN_TIMEOUT)
+    page.locator("#html_log_img2img .performance").wait_for(state="attached")
+    error = page.locator("#html_log_img2img .error")
+    assert not error.count(), error.inner_text()
+    # the webui names each output by a number and its source's stem (save_images_replace_action)
+    return {re.sub(r"^\d+-", "", path.stem): path for path in out.glob("*.png")}
+
+
+def test_img2img_batch_folder_makes_each_image_as_alone(page, webui_url, tmp_path):
+    """img2img's Batch tab on a folder of three sizes, HiDiffusion on: each output is, bit for bit,
+    its image made alone through the API with the same settings (the native-size one, which
+    HiDiffusion skips, is also vanilla's), HiDiffusion changed the others, and every infotext
+    tells the truth about its own image, though the webui runs the whole folder on one reused
+    processing object.
+
+    A batch with HiDiffusion off runs first: in the webui's first Batch run after it starts, the
+    first image differs from the same image made alone by up to 13/255 (seen with HiDiffusion
+    off in both), and later runs match exactly. That run also gives the vanilla images."""
+    import base64
+
+    import numpy as np
+    from conftest import Webui, pixels
+    from PIL import Image
+
+    sizes = {"a-native": (512, 512), "b-wide": (704, 576), "c-tall": (576, 704)}
+    source = tmp_path / "in"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (w, h) in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(source / f"{name}.png")
+
+    def read(path: Path):
+        return np.asarray(Image.open(path).convert("RGB"), dtype=int)
+
+    open_tab(page, "img2img")
+    _tab_button(page, "mode_img2img", "Batch").click()
+    _tab_button(page, "img2img_batch_source", "From directory").click()
+    _tab_button(page, "img2img_tabs_resize", "Resize by").click()
+    page.locator("#img2img_prompt textarea").fill("a red cube")
+    set_number(page, "img2img_steps", 3)
+    page.locator("#img2img_seed input").fill("5")
+    vanilla = _run_batch_tab(page, source, tmp_path / "off", len(sizes))
+    assert sorted(vanilla) == sorted(sizes), sorted(vanilla)
+    enable(page, "img2img")
+    made = _run_batch_tab(page, source, tmp_path / "on", len(sizes))
+    assert sorted(made) == sorted(sizes), sorted(made)
+
+    api = Webui(webui_url)
+
+    def alone(name: str, entries: dict, on: bool):
+        w, h = sizes[name]
+        # the settings the batch ran with (an earlier test may have moved the shift default)
+        args = sa.to_positional({"enabled": on, "shift": entries.get("HiDiffusion shift", "random")})
+        status, body = api.call("/sdapi/v1/img2img", dict(
+            init_images=[base64.b64encode((source / f"{name}.png").read_bytes()).decode()], prompt="a red cube",
+            negative_prompt="", width=w, height=h, steps=3, seed=5, cfg_scale=float(entries["CFG scale"]),
+            sampler_name=entries["Sampler"], scheduler=entries.get("Schedule type", "Automatic"),
+            denoising_strength=float(entries["Denoising strength"]), alwayson_scripts={"HiDiffusion": {"args": args}}))
+        assert status == 200, body
+        return pixels(body)
+
+    for name, (w, h) in sizes.items():
+        entries = infotext_entries(_png_infotext(made[name]))
+        assert entries.get("HiDiffusion") == "True", (name, entries)
+        assert entries.get("Size") == f"{w}x{h}", (name, entries)
+        skipped = "512x512" in entries.get("HiDiffusion skipped", "")
+        assert skipped == (name == "a-native"), (name, entries)
+        image = read(made[name])
+        made_alone = alone(name, entries, True)
+        assert made_alone.shape == image.shape and (made_alone == image).all(), \
+            f"{name}: the batch output differs from the image made alone (max {np.abs(made_alone - image).max()})"
+        if skipped:
+            assert (alone(name, entries, False) == image).all(), "the skipped image is not vanilla"
+        else:
+            assert not (read(vanilla[name]) == image).all(), f"HiDiffusion did nothing to {name}"
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
