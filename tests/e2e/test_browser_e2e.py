@@ -304,8 +304,13 @@ def generate(page: Page, tab: str = "txt2img", width: int = 640, height: int = 6
     set_number(page, f"{tab}_width", width)
     set_number(page, f"{tab}_height", height)
     page.locator(f"#{tab}_seed input").fill("1")
+    before = page.locator(f"#html_log_{tab}").first.inner_html()
     page.locator(f"#{tab}_generate").click()
-    page.locator(f"#html_log_{tab} .performance").wait_for(state="attached", timeout=RUN_TIMEOUT)
+    # ui.js shows Interrupt over Generate while a run lasts; an earlier run's log stays until then
+    page.locator(f"#{tab}_interrupt").wait_for(state="hidden", timeout=RUN_TIMEOUT)
+    page.wait_for_function("""([id, before]) => { const log = document.getElementById(id);
+                               return log.innerHTML !== before && log.querySelector('.performance'); }""",
+                           arg=[f"html_log_{tab}", before], timeout=RUN_TIMEOUT)
     error = page.locator(f"#html_log_{tab} .error")
     return page.locator(f"#html_info_{tab}").first.inner_text(), error.inner_text() if error.count() else ""
 
