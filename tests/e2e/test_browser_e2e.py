@@ -577,10 +577,10 @@ def _png_infotext(path: Path) -> str:
         return image.info.get("parameters", "")
 
 
-def _run_batch_tab(page: Page, source: Path, out: Path, count: int) -> dict[str, Path]:
-    """Generate from img2img's Batch tab (From directory) with the page's controls; returns each
-    output by its source's stem once ``count`` are written and the run has ended (the page still
-    shows an earlier run's log while a new one runs)."""
+def _run_batch_tab(page: Page, source: Path, out: Path, count: int) -> list[Path]:
+    """Generate from img2img's Batch tab (From directory) with the page's controls; returns the
+    outputs once ``count`` are written and the run has ended (the page still shows an earlier
+    run's log while a new one runs)."""
     page.locator("#img2img_batch_input_dir textarea").fill(str(source))
     page.locator("#img2img_batch_output_dir textarea").fill(str(out))
     page.locator("#img2img_generate").click()
@@ -591,8 +591,7 @@ def _run_batch_tab(page: Page, source: Path, out: Path, count: int) -> dict[str,
     page.locator("#html_log_img2img .performance").wait_for(state="attached")
     error = page.locator("#html_log_img2img .error")
     assert not error.count(), error.inner_text()
-    # the webui names each output by a number and its source's stem (save_images_replace_action)
-    return {re.sub(r"^\d+-", "", path.stem): path for path in out.glob("*.png")}
+    return sorted(out.glob("*.png"))
 
 
 def test_img2img_batch_folder_makes_each_image_as_alone(page, webui_url, tmp_path):
@@ -621,6 +620,12 @@ def test_img2img_batch_folder_makes_each_image_as_alone(page, webui_url, tmp_pat
     def read(path: Path):
         return np.asarray(Image.open(path).convert("RGB"), dtype=int)
 
+    def by_source(paths: list[Path]) -> dict[str, Path]:
+        """Each output by the source of its size (A1111 names them by the source's stem, Forge by
+        seed and prompt: the sizes tell them apart in both)."""
+        names = {size: name for name, size in sizes.items()}
+        return {names.get(Image.open(path).size, path.name): path for path in paths}
+
     open_tab(page, "img2img")
     _tab_button(page, "mode_img2img", "Batch").click()
     _tab_button(page, "img2img_batch_source", "From directory").click()
@@ -628,10 +633,10 @@ def test_img2img_batch_folder_makes_each_image_as_alone(page, webui_url, tmp_pat
     page.locator("#img2img_prompt textarea").fill("a red cube")
     set_number(page, "img2img_steps", 3)
     page.locator("#img2img_seed input").fill("5")
-    vanilla = _run_batch_tab(page, source, tmp_path / "off", len(sizes))
+    vanilla = by_source(_run_batch_tab(page, source, tmp_path / "off", len(sizes)))
     assert sorted(vanilla) == sorted(sizes), sorted(vanilla)
     enable(page, "img2img")
-    made = _run_batch_tab(page, source, tmp_path / "on", len(sizes))
+    made = by_source(_run_batch_tab(page, source, tmp_path / "on", len(sizes)))
     assert sorted(made) == sorted(sizes), sorted(made)
 
     api = Webui(webui_url)
