@@ -76,6 +76,13 @@ def fit_features(features: Sequence, sizes: Sequence[tuple[int, int]], lands: Se
     return fit_residuals(features, [sizes[index] for index in lands])
 
 
+def _level_sizes(state, latent_h: int, latent_w: int) -> list[tuple[int, int]]:
+    """Every input block's output size at this step of the live patch, then the middle block's
+    (which keeps the last input block's size): where control residuals and features land."""
+    sizes = state.skips_at(latent_h, latent_w)
+    return [*sizes, sizes[-1]]
+
+
 def install_adapter(adapter: nn.Module, handle: HiDiffusionHandle, lands: Sequence[int]) -> None:
     """Wrap ``adapter`` (called by keyword as ``adapter(hint=image, x=latent, ...)``, returning
     one feature per entry of ``lands``) so that its features fit the live patch ``handle``'s
@@ -99,8 +106,7 @@ def install_adapter(adapter: nn.Module, handle: HiDiffusionHandle, lands: Sequen
         latent_h, latent_w = (int(n) for n in x.shape[-2:])
         if handle.gated_at(latent_h, latent_w):
             return out
-        sizes = state.skips_at(latent_h, latent_w)
-        sizes.append(sizes[-1])  # the middle block keeps the last input block's size
+        sizes = _level_sizes(state, latent_h, latent_w)
         # PlugableAdapter computes its features once and returns a copy of them at every call:
         # resizing the copy here, per call, fits each step's sizes and leaves its cache alone
         out = fit_features(out, sizes, lands)
@@ -131,8 +137,7 @@ def install_control(control_model: nn.Module, handle: HiDiffusionHandle, recipe:
         latent_h, latent_w = (int(n) for n in x.shape[-2:])
         if handle.gated_at(latent_h, latent_w):
             return call_original(control_model, previous, *args, **kwargs)
-        sizes = state.skips_at(latent_h, latent_w)
-        sizes.append(sizes[-1])  # the middle block keeps the last input block's size
+        sizes = _level_sizes(state, latent_h, latent_w)
         if recipe and last and not control_runs(state.step, state.steps, share):
             out = [torch.zeros((x.shape[0], shape[1], *size), dtype=dtype, device=device)
                    for (shape, dtype, device), size in zip(last, sizes, strict=False)]
