@@ -280,18 +280,18 @@ def forge_python() -> str:
     return os.environ.get("FORGE_PYTHON", str(Path(FORGE_DIR) / "venv" / "bin" / "python"))
 
 
-def forge_checkpoint(seed: int = 0) -> Path:
-    """The tiny random-weight SD 1.5 checkpoint for Forge (tiny_checkpoint.py's ``forge-sd1``,
-    ``seed`` 0 or another) in FORGE_MODELS, written there first if it is not yet."""
+def forge_checkpoint(seed: int = 0, kind: str = "forge-sd1") -> Path:
+    """A tiny random-weight checkpoint for Forge (tiny_checkpoint.py's ``kind``: ``forge-sd1`` or
+    ``forge-sdxl``; ``seed`` 0 or another) in FORGE_MODELS, written there first if it is not yet."""
     folder = Path(os.environ.get("FORGE_MODELS") or Path(tempfile.gettempdir()) / "sd-webui-hidiffusion-e2e-forge")
-    name = "tiny-forge-sd1.safetensors" if seed == 0 else f"tiny-forge-sd1-seed{seed}.safetensors"
+    name = f"tiny-{kind}.safetensors" if seed == 0 else f"tiny-{kind}-seed{seed}.safetensors"
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".write.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / name).exists():  # written aside and moved in: never a half file
             with tempfile.TemporaryDirectory(dir=folder) as partial:
                 subprocess.run([forge_python(), str(ROOT / "tests" / "e2e" / "tiny_checkpoint.py"), partial,
-                                "forge-sd1", str(seed)], check=True, stdout=subprocess.PIPE)
+                                kind, str(seed)], check=True, stdout=subprocess.PIPE)
                 os.replace(Path(partial) / name, folder / name)
     return folder / name
 

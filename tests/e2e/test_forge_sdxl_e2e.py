@@ -20,16 +20,12 @@ loads the model); about 6 minutes in all, the checkpoint written beforehand.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Webui, forge_python, infotexts, needs_forge, pixels, running_forge, same
+from conftest import Webui, forge_checkpoint, infotexts, needs_forge, pixels, running_forge, same
 
 from hidiffusion_lib import script_args as sa
 
@@ -41,22 +37,6 @@ OFF = [False]
 PRESET = [True]  # everything else Auto: the sdxl_2048 preset, T1 0.4, T2 0, aggressive
 # The extra switch alone: aggressive off, T1 0.4 gives int(2 * 0.4) = 0 steps, T2 0.5 step 0
 EXTRA = sa.to_positional({"enabled": True, "t2": 0.5, "aggressive": "Off"})
-
-
-def forge_sdxl_checkpoint() -> Path:
-    """tiny_checkpoint.py's ``forge-sdxl`` in FORGE_MODELS (as conftest's forge_checkpoint), written
-    there first if it is not yet."""
-    folder = Path(os.environ.get("FORGE_MODELS") or Path(tempfile.gettempdir()) / "sd-webui-hidiffusion-e2e-forge")
-    name = "tiny-forge-sdxl.safetensors"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".write.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (folder / name).exists():  # written aside and moved in: never a half file
-            with tempfile.TemporaryDirectory(dir=folder) as partial:
-                subprocess.run([forge_python(), str(ROOT / "tests" / "e2e" / "tiny_checkpoint.py"), partial,
-                                "forge-sdxl"], check=True, stdout=subprocess.PIPE)
-                os.replace(Path(partial) / name, folder / name)
-    return folder / name
 
 
 class Forge(Webui):
@@ -81,7 +61,7 @@ class Forge(Webui):
 def forge(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("forge-sdxl")
     trace = data_dir / "trace.jsonl"
-    with running_forge(data_dir, forge_sdxl_checkpoint(), env={"HIDIFFUSION_TRACE": str(trace)}) as client:
+    with running_forge(data_dir, forge_checkpoint(kind="forge-sdxl"), env={"HIDIFFUSION_TRACE": str(trace)}) as client:
         status, body = client.call("/sdapi/v1/options", {"live_previews_enable": False})
         assert status == 200, body
         forge = Forge(client.url, client.log)
