@@ -21,6 +21,15 @@ apply: the adapter reads the control image alone (not the latent), so it has no 
 run at, and it keeps running on the steps the host gives it (its unit's own steps).
 
     install_adapter(adapter, handle, lands)  # before sampling; remove_control(adapter) after it
+
+An IP-Adapter adds no residual: its image tokens join every cross-attention, which HiDiffusion
+leaves alone. Its region mask, though (sd-webui-controlnet's ``effective_region_mask``), is
+resized to each attention's token grid by a grid the host infers from the token count and the
+latent's aspect, which the shrunk levels of RAU-Net steps need not keep (1088x832: 9x7 tokens
+in the middle block, where the host infers 9x6 and fails). The mask is resized to the grid the
+tokens have in this forward instead.
+
+    install_region_mask(ip_adapter, handle)  # before sampling; remove_control(ip_adapter) after it
 """
 
 from __future__ import annotations
@@ -114,6 +123,36 @@ def install_adapter(adapter: nn.Module, handle: HiDiffusionHandle, lands: Sequen
         return out
 
     adapter.forward = marked(forward, state, previous)
+
+
+def token_grid(state, tokens: int) -> tuple[int, int] | None:
+    """The (height, width) of ``tokens`` tokens in the running forward: the level of the sizes
+    its input blocks have output so far with that many (levels shrink: at most one); None if
+    there is none."""
+    grids = {size for size in state.skip_sizes.values() if size[0] * size[1] == tokens}
+    return grids.pop() if len(grids) == 1 else None
+
+
+def install_region_mask(ip_adapter: nn.Module, handle: HiDiffusionHandle) -> None:
+    """Wrap ``ip_adapter.apply_effective_region_mask(out)`` (``out``: an attention's output,
+    batch x tokens x channels; the mask: ``ip_adapter.effective_region_mask``, 1 x 1 x H x W or
+    None) so that, in the live patch ``handle``'s forwards, the mask is resized bilinear to the
+    grid the tokens have (:func:`token_grid`) before it multiplies ``out``."""
+    remove_control(ip_adapter)
+    previous = ip_adapter.__dict__.get("apply_effective_region_mask")
+    original = previous or type(ip_adapter).apply_effective_region_mask.__get__(ip_adapter)
+    state = handle.state
+
+    def apply_effective_region_mask(out):
+        mask = getattr(ip_adapter, "effective_region_mask", None)
+        usable = state.alive and not state.gated and isinstance(mask, torch.Tensor) and mask.ndim == 4
+        grid = token_grid(state, out.shape[1]) if usable and isinstance(out, torch.Tensor) and out.ndim == 3 else None
+        if grid is None:
+            return original(out)
+        mask = F.interpolate(mask.to(out.device), size=grid, mode="bilinear")
+        return out * mask.reshape(mask.shape[0], -1, 1)
+
+    ip_adapter.apply_effective_region_mask = marked(apply_effective_region_mask, state, previous)
 
 
 def install_control(control_model: nn.Module, handle: HiDiffusionHandle, recipe: bool = True,

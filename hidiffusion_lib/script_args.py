@@ -325,6 +325,12 @@ def adapter_note(adapters: int) -> str:
             "(no recipe: it is for ControlNets)")
 
 
+def region_mask_note(units: int) -> str:
+    """What HiDiffusion did with ``units`` IP-Adapter units that have a region mask: each mask
+    resized to the grid of the tokens it multiplies, on the shrunk levels too."""
+    return f"{units} IP-Adapter region mask(s): resized to each level's tokens"
+
+
 def unsupported_message(error: Exception, model: str, name: str) -> str:
     """Why a generation is refused: the Model preset ``model`` the user chose does not fit the
     loaded model (with Auto, a model without a block map is skipped instead: unsupported_note);

@@ -14,7 +14,8 @@ MARK = "_hidiffusion"
 
 
 def marked(fn: Callable, state: object, previous: Callable | None = None) -> Callable:
-    """Tag ``fn`` as installed for ``state``; ``previous`` is the instance forward it shadows."""
+    """Tag ``fn`` as installed for ``state``; ``previous`` is the instance forward (or other
+    instance method, set as a module attribute of the same name) it shadows."""
     setattr(fn, MARK, True)
     fn.state = state
     fn.previous = previous
@@ -48,25 +49,33 @@ def _buried(fn: object):
         seen += 1
 
 
+def _unpatch_method(module: nn.Module, name: str, state: object | None) -> int:
+    current = module.__dict__.get(name)
+    for fn in _buried(current):
+        if state is None or fn.state is state:
+            _switch_off(fn)
+    if not is_ours(current) or (state is not None and current.state is not state):
+        return 0
+    previous = current.previous
+    while is_ours(previous):
+        previous = previous.previous
+    if previous is None:
+        del module.__dict__[name]
+    else:
+        setattr(module, name, previous)
+    return 1
+
+
 def unpatch(root: nn.Module, state: object | None = None) -> int:
-    """Remove the forwards and hooks installed for ``state`` (every state: None) below
-    ``root``; return how many. A forward of ours that another wrapper captured cannot be
-    taken out: its state is switched off instead, so it passes every call through."""
+    """Remove the forwards (and other instance methods: see :func:`marked`) and hooks
+    installed for ``state`` (every state: None) below ``root``; return how many. A method of
+    ours that another wrapper captured cannot be taken out: its state is switched off
+    instead, so it passes every call through."""
     removed = 0
     for module in root.modules():
-        current = module.__dict__.get("forward")
-        for fn in _buried(current):
-            if state is None or fn.state is state:
-                _switch_off(fn)
-        if is_ours(current) and (state is None or current.state is state):
-            previous = current.previous
-            while is_ours(previous):
-                previous = previous.previous
-            if previous is None:
-                del module.__dict__["forward"]
-            else:
-                module.forward = previous
-            removed += 1
+        names = ["forward", *(name for name, fn in module.__dict__.items() if name != "forward" and is_ours(fn))]
+        for name in names:
+            removed += _unpatch_method(module, name, state)
         for hooks, companions in (
             (module._forward_hooks, (module._forward_hooks_with_kwargs, module._forward_hooks_always_called)),
             (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),

@@ -10,7 +10,8 @@ generation raises, so the next ``process`` and every model load clean up as well
 load during sampling is the refiner switch: its steps run without HiDiffusion, and the
 infotext says so. With ControlNet units on (sd-webui-controlnet, Forge's built-in), their
 control models are wrapped for the pass (hidiffusion_lib.controlnet: the authors' recipe; a
-T2I-Adapter's features fitted to the levels) and unwrapped with the patch.
+T2I-Adapter's features fitted to the levels; an IP-Adapter's region mask to their tokens) and
+unwrapped with the patch.
 
 HIDIFFUSION_TRACE=<file> (for tests): every pass appends one JSON line with what each U-Net
 forward did (``hidiffusion_lib.state.Forward``).
@@ -166,8 +167,8 @@ class HiDiffusionScript(scripts.Script):
         units = host.control_units(p)
         # the authors' ControlNet ratios are for text-to-image: not img2img, not the hires pass
         text_to_image = pass_name == "first pass" and not hasattr(p, "init_images")
-        # (T2I-Adapters are not ControlNets: the recipe and its ratios leave them out)
-        settings.controlnet = any(not u.adapter for u in units) and parsed.controlnet_recipe and text_to_image
+        # (adapters are not ControlNets: the recipe and its ratios leave them out)
+        settings.controlnet = any(u.controlnet for u in units) and parsed.controlnet_recipe and text_to_image
         try:
             handle = hd.apply(unet, settings)  # refuses before patching anything
         except hd.UnsupportedUNet as error:
@@ -241,8 +242,9 @@ def _add_note(p, key: str, note: str) -> None:
 
 def _install_controls(p, handle: hd.HiDiffusionHandle, units: list[hosts.ControlUnit], recipe: bool, pass_name: str,
                       h: int, w: int) -> None:
-    controls = [unit for unit in units if not unit.adapter]
+    controls = [unit for unit in units if unit.controlnet]
     adapters = [unit for unit in units if unit.adapter]
+    masked = [unit for unit in units if unit.region_mask]
     # the authors' 60% share, unless the user moved the unit's Ending Control Step off 1.0
     shares = [recipe and unit.end >= 1.0 for unit in controls]
     for unit, share in zip(controls, shares, strict=True):
@@ -251,12 +253,17 @@ def _install_controls(p, handle: hd.HiDiffusionHandle, units: list[hosts.Control
     for unit in adapters:
         control.install_adapter(unit.model, handle, unit.lands)
         _Run.controls.append(unit.model)
+    for unit in masked:
+        control.install_region_mask(unit.model, handle)
+        _Run.controls.append(unit.model)
     notes = []
     if controls:
         size = control.control_latent_size(h, w, handle.native_latent) if recipe else None
         notes.append(sa.controlnet_note(len(controls), recipe, size, shares))
     if adapters:
         notes.append(sa.adapter_note(len(adapters)))
+    if masked:
+        notes.append(sa.region_mask_note(len(masked)))
     note = f"{pass_name}: {'; '.join(notes)}"
     _add_note(p, sa.CONTROLNET_KEY, note)
     print(f"HiDiffusion ControlNet: {note}")

@@ -7,14 +7,17 @@ keyword (x, hint, timesteps, context), then runs the U-Net's blocks itself and a
 residuals with ``aligned_adding`` (nearest resize where sizes differ) to the skips on the way
 up and to the middle block's output. ``adapter_forward`` is the same loop with a T2I-Adapter
 unit: its features added (``aligned_adding``) to the outputs of the input blocks its
-``t2i_injection`` names (SDXL's fourth to the middle block's). ``TinyControlNet`` has a ControlNet's interface and
-output (the benchmark's, hidiffusion_lib/bench/controlnet.py): the encoder of a small random ldm
-U-Net fed latent + embedded control image, one residual per input block plus the middle one.
+``t2i_injection`` names (SDXL's fourth to the middle block's). ``TinyIPAdapter`` and
+``ip_masked_forward``: an IP-Adapter's region mask on every cross-attention. ``TinyControlNet``
+has a ControlNet's interface and output (the benchmark's, hidiffusion_lib/bench/controlnet.py):
+the encoder of a small random ldm U-Net fed latent + embedded control image, one residual per
+input block plus the middle one.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -126,3 +129,41 @@ class TinyAdapter(nn.Module):
                     h = conv(F.avg_pool2d(h, 2) if down else h)
                     self.control.append(h)
         return copy.deepcopy(self.control)
+
+
+class TinyIPAdapter(nn.Module):
+    """The region mask of sd-webui-controlnet's ``PlugableIPAdapter`` (scripts/ipadapter/
+    plugable_ipadapter.py, v1.1.455): ``apply_effective_region_mask(out)`` multiplies an
+    attention's output (batch x tokens x channels) by ``effective_region_mask`` (1 x 1 x H x W)
+    resized bilinear to a grid it infers from the token count and the latent's aspect
+    (``latent_width`` / ``latent_height``), floor of each side, then repeated over the batch and
+    channels; ``calls`` counts its calls."""
+
+    def __init__(self, mask: torch.Tensor, latent_h: int, latent_w: int) -> None:
+        super().__init__()
+        self.effective_region_mask = mask
+        self.latent_height, self.latent_width = latent_h, latent_w
+        self.calls = 0
+
+    def apply_effective_region_mask(self, out: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        factor = math.sqrt(out.shape[1] / (self.latent_width * self.latent_height))
+        size = (int(self.latent_height * factor), int(self.latent_width * factor))
+        mask = F.interpolate(self.effective_region_mask, size=size, mode="bilinear").squeeze()
+        mask = mask.repeat(out.shape[0], 1, 1).view(out.shape[0], -1, 1).repeat(1, 1, out.shape[2])
+        return out * mask
+
+
+def ip_masked_forward(unet: nn.Module, ip: nn.Module, x: torch.Tensor, t: torch.Tensor, context) -> torch.Tensor:
+    """One U-Net call where every cross-attention adds its own output masked by ``ip`` (as the
+    extension's ``attn_forward_hacked`` adds each IP-Adapter's masked output)."""
+    def hook(module, args, output):
+        return output + ip.apply_effective_region_mask(output)
+
+    handles = [m.attn2.register_forward_hook(hook) for m in unet.modules() if hasattr(m, "attn2")]
+    try:
+        with torch.no_grad():
+            return unet(x, t, context=context)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -11,7 +11,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from controlnet_host import T2I_LANDS, TinyAdapter, TinyControlNet, adapter_forward, controlled_forward
+from controlnet_host import (
+    T2I_LANDS,
+    TinyAdapter,
+    TinyControlNet,
+    TinyIPAdapter,
+    adapter_forward,
+    controlled_forward,
+    ip_masked_forward,
+)
 from unets import make_inputs, make_unet
 
 import hidiffusion_lib as hd
@@ -208,6 +216,63 @@ def test_fit_features_takes_the_landing_blocks_sizes():
     assert fit_features(features, sizes, (1, 3)) == features  # another count: the host's business
 
 
+def left_half(h: int, w: int) -> torch.Tensor:
+    mask = torch.zeros(1, 1, 8 * h, 8 * w)
+    mask[..., : 4 * w] = 1
+    return mask
+
+
+def test_region_mask_fits_the_tokens_of_shrunk_levels_the_host_cannot_infer():
+    unet = make_unet("sd1")
+    h, w = 40, 24  # 3x2 tokens in the middle block on RAU-Net steps, 3x1 by the host's rule (5x3 without)
+    x, t, context = make_inputs("sd1", 2, h, w)
+    ip = TinyIPAdapter(left_half(h, w), h, w)
+    seen = []
+    masked = ip.apply_effective_region_mask
+
+    def expected(out):  # the mask resized to the grid these tokens have (checked below)
+        grid = hd_token_grid(out.shape[1])
+        seen.append(grid)
+        return out * F.interpolate(ip.effective_region_mask, size=grid, mode="bilinear").reshape(1, -1, 1)
+
+    ip_masked_forward(unet, ip, x, t, context)  # without HiDiffusion the host's grid is right
+    with hd.apply(unet, hd.Settings(t1=1.0, native_gate=False)) as handle:
+        handle.set_step(0, 4)
+        with pytest.raises(RuntimeError, match="must match"):  # the host's own grid
+            ip_masked_forward(unet, ip, x, t, context)
+        calls = ip.calls
+        hd.install_region_mask(ip, handle)
+        fitted = ip_masked_forward(unet, ip, x, t, context)
+        levels = set(handle.trace[-1].skips)
+        assert (3, 2) in levels and ip.calls == calls  # the wrapper took every call
+        del ip.apply_effective_region_mask  # the reference: each call's mask on its own grid
+        ip.apply_effective_region_mask = expected
+        hd_token_grid = {a * b: (a, b) for a, b in levels}.__getitem__
+        torch.testing.assert_close(fitted, ip_masked_forward(unet, ip, x, t, context), rtol=0, atol=0)
+        assert set(seen) <= levels and (3, 2) in seen
+    del ip.apply_effective_region_mask
+    assert ip.apply_effective_region_mask.__func__ is masked.__func__
+
+
+def test_region_mask_is_the_hosts_where_its_grid_is_right_and_is_restored():
+    unet = make_unet("sd1")
+    h, w = 32, 16  # every level's grid keeps the latent's aspect, RAU-Net steps too
+    x, t, context = make_inputs("sd1", 1, h, w)
+    ip = TinyIPAdapter(left_half(h, w), h, w)
+    plain = TinyIPAdapter(left_half(h, w), h, w)
+    with hd.apply(unet, hd.Settings(t1=0.5, native_gate=False)) as handle:
+        hd.install_region_mask(ip, handle)
+        for step in range(2):
+            handle.set_step(step, 2)
+            ours = ip_masked_forward(unet, ip, x, t, context)
+            torch.testing.assert_close(ours, ip_masked_forward(unet, plain, x, t, context), rtol=0, atol=0)
+    assert [f.main for f in handle.trace[::2]] == [True, False]
+    assert ip.calls == 0  # every call was the wrapper's while the patch lived
+    assert hd.remove_control(ip) == 1 and "apply_effective_region_mask" not in vars(ip)
+    ip_masked_forward(unet, ip, x, t, context)
+    assert ip.calls == 16
+
+
 class ModelType(enum.Enum):
     """sd-webui-controlnet's ControlModelType (scripts/enums.py), the members that matter here."""
 
@@ -222,12 +287,16 @@ class ModelType(enum.Enum):
 
 
 @pytest.mark.parametrize(("is_sdxl", "lands"), [(False, (2, 5, 8, 11)), (True, (3, 5, 8, -1))])
-def test_a1111_host_returns_controlnets_and_t2i_adapters_with_their_blocks(is_sdxl, lands):
+def test_a1111_host_returns_controlnets_t2i_adapters_and_masked_ip_adapters(is_sdxl, lands):
     models = {kind: torch.nn.Identity() for kind in ModelType}
-    params = [SimpleNamespace(control_model=model, control_model_type=kind, stop_guidance_percent=0.5)
-              for kind, model in models.items()]
+    params = [SimpleNamespace(control_model=model, control_model_type=kind, stop_guidance_percent=0.5,
+                              effective_region_mask=None) for kind, model in models.items()]
+    masked = torch.nn.Identity()  # an IP-Adapter with a region mask (ControlParams keeps the unit's)
+    params.append(SimpleNamespace(control_model=masked, control_model_type=ModelType.IPAdapter,
+                                  stop_guidance_percent=1.0, effective_region_mask=torch.ones(1, 1, 8, 8)))
     p = SimpleNamespace(sd_model=SimpleNamespace(is_sdxl=is_sdxl), scripts=SimpleNamespace(alwayson_scripts=[
         SimpleNamespace(latest_network=SimpleNamespace(control_params=params))]))
     units = A1111().control_units(p)
-    assert [(u.model, u.end, u.lands, u.adapter) for u in units] == [
-        (models[ModelType.ControlNet], 0.5, None, False), (models[ModelType.T2I_Adapter], 0.5, lands, True)]
+    assert [(u.model, u.end, u.lands, u.adapter, u.controlnet, u.region_mask) for u in units] == [
+        (models[ModelType.ControlNet], 0.5, None, False, True, False),
+        (models[ModelType.T2I_Adapter], 0.5, lands, True, False, False), (masked, 1.0, None, False, False, True)]

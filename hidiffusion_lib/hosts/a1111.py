@@ -46,8 +46,10 @@ class A1111:
     def control_units(self, p: object) -> list[ControlUnit]:
         """sd-webui-controlnet keeps its units on its Script's ``latest_network.control_params``
         after its ``process`` (scripts/controlnet.py, scripts/hook.py UnetHook, v1.1.455): its
-        ControlNets and its T2I-Adapters (``ControlModelType.T2I_Adapter``; not the style
-        adapter, whose tokens go to the prompt, nor IP-Adapter, which changes cross-attention)."""
+        ControlNets, its T2I-Adapters (``ControlModelType.T2I_Adapter``) and its IP-Adapters
+        with a region mask (``effective_region_mask``, which their cross-attention patch
+        applies); not the style adapter, whose tokens go to the prompt, nor an IP-Adapter
+        without a mask."""
         # the hook takes SDXL's injection points from the model's flag (and a y it passes)
         lands = T2I_LANDS_SDXL if getattr(getattr(p, "sd_model", None), "is_sdxl", False) else T2I_LANDS
         for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", None) or []:
@@ -63,6 +65,9 @@ class A1111:
                         units.append(ControlUnit(param.control_model, end))
                     elif getattr(kind, "name", None) == "T2I_Adapter":
                         units.append(ControlUnit(param.control_model, end, lands))
+                    elif getattr(kind, "name", None) == "IPAdapter" and getattr(
+                            param, "effective_region_mask", None) is not None:
+                        units.append(ControlUnit(param.control_model, end, region_mask=True))
                 return units
         return []
 

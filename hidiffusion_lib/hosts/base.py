@@ -19,16 +19,25 @@ class ControlUnit:
     lands: None for a ControlNet; for a T2I-Adapter (called as ``model(hint=image, x=latent,
         ...)``, returning a few features), the input block whose output the host adds each
         feature to (-1: the middle block's).
+    region_mask: True for an IP-Adapter with a region mask, which adds no residual but masks
+        its cross-attention output (``model.apply_effective_region_mask``, see
+        hidiffusion_lib.controlnet.install_region_mask).
     """
 
     model: nn.Module
     end: float = 1.0
     lands: tuple[int, ...] | None = None
+    region_mask: bool = False
 
     @property
     def adapter(self) -> bool:
         """Whether this is a T2I-Adapter (features on a few levels, no recipe)."""
         return self.lands is not None
+
+    @property
+    def controlnet(self) -> bool:
+        """Whether this is a ControlNet (residuals on every level; the recipe applies)."""
+        return self.lands is None and not self.region_mask
 
 
 @dataclass(frozen=True)
