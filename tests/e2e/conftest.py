@@ -280,20 +280,26 @@ def forge_python() -> str:
     return os.environ.get("FORGE_PYTHON", str(Path(FORGE_DIR) / "venv" / "bin" / "python"))
 
 
-def forge_checkpoint(seed: int = 0, kind: str = "forge-sd1") -> Path:
-    """A tiny random-weight checkpoint for Forge (tiny_checkpoint.py's ``kind``: ``forge-sd1`` or
-    ``forge-sdxl``; ``seed`` 0 or another) in FORGE_MODELS, written there first if it is not yet."""
-    folder = Path(os.environ.get("FORGE_MODELS") or Path(tempfile.gettempdir()) / "sd-webui-hidiffusion-e2e-forge")
-    name = f"tiny-{kind}.safetensors" if seed == 0 else f"tiny-{kind}-seed{seed}.safetensors"
+def cached_model(folder: Path, name: str, python: str, writer: str, kind: str, seed: int = 0) -> Path:
+    """``folder/name``, written first by ``python tests/e2e/WRITER OUT_DIR KIND SEED`` if it is not
+    there yet: for the big files, kept across runs (several test processes may ask at once)."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".write.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / name).exists():  # written aside and moved in: never a half file
             with tempfile.TemporaryDirectory(dir=folder) as partial:
-                subprocess.run([forge_python(), str(ROOT / "tests" / "e2e" / "tiny_checkpoint.py"), partial,
-                                kind, str(seed)], check=True, stdout=subprocess.PIPE)
+                subprocess.run([python, str(ROOT / "tests" / "e2e" / writer), partial, kind, str(seed)],
+                               check=True, stdout=subprocess.PIPE)
                 os.replace(Path(partial) / name, folder / name)
     return folder / name
+
+
+def forge_checkpoint(seed: int = 0, kind: str = "forge-sd1") -> Path:
+    """A tiny random-weight checkpoint for Forge (tiny_checkpoint.py's ``kind``: ``forge-sd1`` or
+    ``forge-sdxl``; ``seed`` 0 or another) in FORGE_MODELS, written there first if it is not yet."""
+    folder = Path(os.environ.get("FORGE_MODELS") or Path(tempfile.gettempdir()) / "sd-webui-hidiffusion-e2e-forge")
+    name = f"tiny-{kind}.safetensors" if seed == 0 else f"tiny-{kind}-seed{seed}.safetensors"
+    return cached_model(folder, name, forge_python(), "tiny_checkpoint.py", kind, seed)
 
 
 def write_taesd(folder: Path) -> None:

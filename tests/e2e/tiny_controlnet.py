@@ -1,12 +1,13 @@
 """Write tiny random-weight ControlNet models for the tiny U-Nets of tiny_checkpoint.py, and fit
 the sd-webui-controlnet extension's loader to them inside the webui.
 
-``python tests/e2e/tiny_controlnet.py OUT_DIR sd1|sdxl|forge-sd1|t2i-sd1|t2i-sdxl [SEED]`` writes
-one file, ``OUT_DIR/tiny-controlnet-sd15.safetensors``, ``OUT_DIR/tiny-controlnet-sdxl.safetensors``,
-``OUT_DIR/tiny-controlnet-forge-sd15.safetensors``, ``OUT_DIR/tiny-t2iadapter-sd15.safetensors``
-or ``OUT_DIR/tiny-t2iadapter-xl.safetensors`` (``...-seedSEED.safetensors`` for a non-zero
-SEED), and prints its path. The name tells the extension the model's base ("sd15" / "xl" in it,
-scripts/enums.py); point its ``--controlnet-dir`` at OUT_DIR. The keys are those of the
+``python tests/e2e/tiny_controlnet.py OUT_DIR sd1|sdxl|forge-sd1|t2i-sd1|t2i-sdxl|ip-sd1|clip-h [SEED]``
+writes one file, ``OUT_DIR/tiny-controlnet-sd15.safetensors``, ``OUT_DIR/tiny-controlnet-sdxl.safetensors``,
+``OUT_DIR/tiny-controlnet-forge-sd15.safetensors``, ``OUT_DIR/tiny-t2iadapter-sd15.safetensors``,
+``OUT_DIR/tiny-t2iadapter-xl.safetensors``, ``OUT_DIR/tiny-ipadapter-sd15.safetensors`` or
+``OUT_DIR/clip_h.pth`` (``...-seedSEED...`` for a non-zero SEED), and prints its path. The name
+tells the extension the model's base ("sd15" / "xl" in it, scripts/enums.py); point its
+``--controlnet-dir`` at OUT_DIR. The keys are those of the
 extension's ``ControlNet`` (scripts/cldm.py) under the ``control_model.`` prefix of the original
 ControlNet files (the loader strips it): the U-Net's encoder half (``time_embed``, ``label_emb``
 for SDXL, ``input_blocks``, ``middle_block``, with the tiny U-Net's shapes), ``input_hint_block``
@@ -37,6 +38,18 @@ c = 32 gives the tiny U-Nets' channels where the extension adds the features (sd
 no fitting is needed; the loader loads it non-strictly, so the webui script below makes that
 load strict for these models.
 
+``ip-sd1``: an IP-Adapter (the plain one: ``ImageProjModel`` and one ``to_k_ip``/``to_v_ip`` pair per
+cross-attention, scripts/ipadapter/ipadapter_model.py) for the tiny sd1 U-Net, with the flat keys
+of the released ``ip-adapter_sd15.safetensors`` (``image_proj.proj``, ``image_proj.norm``,
+``ip_adapter.N.to_k_ip`` for N = 1, 3, ... 31). The loader reads every size from the keys: the
+context width (the tiny text encoder's 64) from ``ip_adapter.1.to_k_ip``, 4 image tokens from
+``image_proj.proj``, each layer's width from its own weight, so it loads as written.
+``clip-h``: ``clip_h.pth``, the CLIP ViT-H/14 image encoder the extension's IP-Adapter
+preprocessors load (annotator/clipvision: a fixed ``CLIPVisionModelWithProjection`` config of
+632 M parameters, downloaded from a hub when its file is missing, loaded non-strictly): every
+parameter of the model transformers builds from that config, random and seeded, fp16 (1.3 GB), so
+nothing is left to the random init of the webui's process and every run embeds an image alike.
+
 The loader (scripts/controlnet_model_guess.py) does not read a model's layout from its weights:
 it builds every ControlNet with the fixed layout of SD 1.5's (320 channels) or SDXL's, and
 a tiny model fails to load with size mismatches. So this file is also a webui script: loaded
@@ -49,6 +62,9 @@ wrapper also fails the load if a key does not match (the extension loads non-str
 from __future__ import annotations
 
 import functools
+import itertools
+import json
+import os
 import pathlib
 import sys
 
@@ -72,6 +88,7 @@ from tiny_checkpoint import (  # noqa: E402
     UNET_MULT,
     Shapes,
     _conv,
+    _linear,
     _random,
     _stem,
     open_clip_text_shapes,
@@ -79,12 +96,23 @@ from tiny_checkpoint import (  # noqa: E402
 )
 
 STEMS = {"sd1": "tiny-controlnet-sd15", "sdxl": "tiny-controlnet-sdxl", "forge-sd1": "tiny-controlnet-forge-sd15",
-         "t2i-sd1": "tiny-t2iadapter-sd15", "t2i-sdxl": "tiny-t2iadapter-xl"}
+         "t2i-sd1": "tiny-t2iadapter-sd15", "t2i-sdxl": "tiny-t2iadapter-xl", "ip-sd1": "tiny-ipadapter-sd15",
+         "clip-h": "clip_h"}
 PREFIX = "control_model."
 HINT_CHANNELS = 3
 HINT_WIDTHS = (16, 16, 32, 32, 96, 96, 256)  # the hint block's convs; every second one has stride 2
 ENCODER = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
 PATCHED = "_hidiffusion_e2e_tiny_layout"
+# scripts/enums.py StableDiffusionVersion.transformer_ids for SD 1.x, in the order the IP-Adapter
+# numbers its key pairs (1, 3, 5 ...): input blocks, output blocks, then the middle block
+IP_SD1_TRANSFORMERS = ([f"input_blocks.{i}.1" for i in (1, 2, 4, 5, 7, 8)]
+                       + [f"output_blocks.{i}.1" for i in range(3, 12)] + ["middle_block.1"])
+IP_TOKENS = 4
+# annotator/clipvision/__init__.py config_clip_h (ViT-H/14 with its 1024-wide projection)
+CLIP_H_CONFIG = {"hidden_size": 1280, "image_size": 224, "intermediate_size": 5120, "layer_norm_eps": 1e-05,
+                 "num_attention_heads": 16, "num_channels": 3, "num_hidden_layers": 32, "patch_size": 14,
+                 "projection_dim": 1024, "hidden_act": "gelu"}
+IP_TRACE = "TINY_IPADAPTER_TRACE"  # in the webui: a file that gets one JSON line per IP-Adapter call
 
 
 def layout(kind: str) -> dict:
@@ -154,6 +182,29 @@ def adapter_shapes(kind: str) -> Shapes:
     return s
 
 
+def ip_adapter_shapes() -> Shapes:
+    """Parameter shapes of the IP-Adapter of the tiny sd1 U-Net: CLIP ViT-H's image embedding
+    projected to ``IP_TOKENS`` context tokens, and each cross-attention's extra key and value."""
+    unet = unet_shapes()
+    s: Shapes = {}
+    _linear(s, "image_proj.proj", IP_TOKENS * TEXT_WIDTH, CLIP_H_CONFIG["projection_dim"])
+    s["image_proj.norm.weight"] = s["image_proj.norm.bias"] = (TEXT_WIDTH,)
+    for n, block in enumerate(IP_SD1_TRANSFORMERS):
+        width = unet[f"{block}.transformer_blocks.0.attn2.to_k.weight"][0]
+        for kv in ("k", "v"):
+            s[f"ip_adapter.{2 * n + 1}.to_{kv}_ip.weight"] = (width, TEXT_WIDTH)
+    return s
+
+
+def clip_h_shapes() -> Shapes:
+    """Parameter shapes of the extension's CLIP ViT-H image encoder, as transformers builds it."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with torch.device("meta"):
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_H_CONFIG))
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
 def _nonzero_outputs(state: dict[str, torch.Tensor]) -> None:
     """Every conv that a trained ControlNet starts at zero has a non-zero weight here."""
     outputs = [k for k in state if ".zero_convs." in k or ".middle_block_out." in k
@@ -170,8 +221,17 @@ def make_tiny_controlnet(out_dir: pathlib.Path, kind: str = "sd1", seed: int = 0
     out_dir = pathlib.Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     # a seed of its own, so the weights differ from the checkpoint's of the same seed
+    if kind == "clip-h":  # a pickle, as the file the extension downloads: it torch.loads it
+        path = out_dir / f"{_stem(STEMS[kind], seed)}.pth"
+        state = _random(clip_h_shapes(), "", torch.Generator().manual_seed(4000 + seed), torch.float16)
+        # the legacy format: the webui's safe unpickler (modules/safe.py) refuses the zip entries
+        # a newer torch writes (".format_version"), so the extension would not load the file
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+        return path
     if kind.startswith("t2i-"):
         state = _random(adapter_shapes(kind), "", torch.Generator().manual_seed(2000 + seed))
+    elif kind == "ip-sd1":
+        state = _random(ip_adapter_shapes(), "", torch.Generator().manual_seed(3000 + seed))
     else:
         state = _random(controlnet_shapes(kind), PREFIX, torch.Generator().manual_seed(1000 + seed))
         _nonzero_outputs(state)
@@ -227,11 +287,38 @@ def _strict_for_tiny(load_state_dict):
     return wrapper
 
 
+def _traced_ip_forward(patch_forward, path: str):
+    @functools.wraps(patch_forward)
+    def wrapper(self, number: int, transformer_index: int):
+        forward = patch_forward(self, number, transformer_index)
+        # the block, as the extension's hook numbers them (plugable_ipadapter.py PlugableIPAdapter.hook)
+        versions = sys.modules[type(self).__module__].StableDiffusionVersion
+        ids = versions.SDXL.transformer_ids if self.ipadapter.is_sdxl else versions.SD1x.transformer_ids
+        where = list(itertools.chain(*ids))[number]
+        kind = where.block_type.value
+        block = "middle_block" if kind == "middle" else f"{kind}_blocks.{where.block_id}"
+
+        def traced(attn_blk, x, q):
+            out = forward(attn_blk, x, q)
+            moved = bool(torch.is_tensor(out) and out.abs().sum() > 0)
+            record = {"number": number, "block": block, "tokens": int(x.shape[1]), "moved": moved}
+            with open(path, "a", encoding="utf-8") as file:
+                file.write(json.dumps(record) + "\n")
+            return out
+
+        return traced
+
+    setattr(wrapper, PATCHED, True)
+    return wrapper
+
+
 def patch_controlnet_loader() -> int:
     """Wrap ``PlugableControlModel.__init__`` of every loaded module that has one (the
-    extension's ``scripts.cldm``, whose class its loader uses), and ``load_state_dict`` of its
-    T2I-Adapter class (``scripts.adapter.Adapter``, beside ``PlugableAdapter``); returns how
-    many classes were wrapped now (0 without the extension, or when done already)."""
+    extension's ``scripts.cldm``, whose class its loader uses), ``load_state_dict`` of its
+    T2I-Adapter class (``scripts.adapter.Adapter``, beside ``PlugableAdapter``) and, with
+    ``IP_TRACE`` set, the cross-attention calls of its ``PlugableIPAdapter`` (each call's IP
+    number, its block, its token count and whether it added anything); returns how many classes were
+    wrapped now (0 without the extension, or when done already)."""
     modules = list(sys.modules.values())
     classes = {getattr(m, "PlugableControlModel", None) for m in modules}
     wrapped = 0
@@ -243,6 +330,11 @@ def patch_controlnet_loader() -> int:
     for cls in adapters - {None}:
         if isinstance(cls, type) and not getattr(cls.load_state_dict, PATCHED, False):
             cls.load_state_dict = _strict_for_tiny(cls.load_state_dict)
+            wrapped += 1
+    trace = os.environ.get(IP_TRACE)
+    for cls in {getattr(m, "PlugableIPAdapter", None) for m in modules} - {None}:
+        if trace and isinstance(cls, type) and not getattr(cls.patch_forward, PATCHED, False):
+            cls.patch_forward = _traced_ip_forward(cls.patch_forward, trace)
             wrapped += 1
     return wrapped
 
