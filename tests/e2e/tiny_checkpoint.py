@@ -39,6 +39,25 @@ base checkpoint (``conditioner.embedders.0.transformer.text_model.``, ``conditio
 ``sd1-inpaint`` and ``sdxl-inpaint``: the same with the inpainting layouts (9 input channels: latent,
 mask, masked-image latent), as the SD 1.5-inpainting and SDXL inpainting checkpoints have them.
 
+``sd2-v``: ``tiny-sd2-v.safetensors`` and ``tiny-sd2-v.yaml``: SD 2.x 768-v, an ldm LatentDiffusion
+with ``parameterization: "v"`` (as v2-inference-v.yaml; the YAML beside the checkpoint spares the
+webui its v-prediction probe, which builds a full-size SD 2.x U-Net; the webui logs "Creating
+model from config: .../tiny-sd2-v.yaml"). The U-Net is sd1's with SD 2.x's linear
+projections (``use_linear_in_transformer``) and heads of 32 channels (SD 2.x's 64 would leave
+the tiny first level with none), its context the width of the text encoder: ldm's
+``FrozenOpenCLIPEmbedder`` (the penultimate layer; ``version`` null, so no pretrained weights are
+fetched) with the ``ViT-S-32-alt`` text tower under ``cond_stage_model.model.``, whose final
+LayerNorm bias is offset as sd1's (the webui's emphasis divides by the embedding's mean). The
+webui sets ``is_sd2`` from that embedder's ``model``.
+
+``sdxl-refiner``: ``tiny-sdxl-refiner.safetensors`` and ``tiny-sdxl-refiner.yaml``: the SDXL refiner
+(generative-models' sd_xl_refiner.yaml, shrunk): 4 levels (12 input blocks, downsamples at 3, 6
+and 9), attention at levels 1 and 2 (depth 1 instead of 4), one text embedder, the OpenCLIP tower
+as in sdxl but at index 0, and ``adm_in_channels`` for its pooled output and five size numbers of
+256 (original size, crop, aesthetic score); sdxl's VAE. The state dict has
+``conditioner.embedders.0.model.ln_final.weight``, which is how the webui tells the refiner
+(modules/sd_models_config.py, when no YAML is beside it).
+
 Weights are random, the same for a given seed. The YAML names the CLIP folder by absolute
 path: move them together or rerun. A non-zero SEED writes ``tiny-KIND-seedSEED.*`` and its own
 CLIP folder (``forge-sd1``, ``forge-sdxl``: the checkpoint alone), e.g. a second SDXL checkpoint to switch to as a
@@ -86,6 +105,11 @@ SIZE_EMBED = 256  # ConcatTimestepEmbedderND outdim; three of them embed two num
 # 32 channels throughout (GroupNorm's 32 groups), resampling without convs, no attention.
 SDXL_VAE_MULT = (1, 1, 1, 1)
 SDXL_VAE_RES = 0
+
+SD2_V_STEM = "tiny-sd2-v"
+REFINER_STEM = "tiny-sdxl-refiner"
+REFINER_MULT = (1, 2, 4, 4)  # sd_xl_refiner.yaml: four levels, downsamples at input blocks 3, 6 and 9
+REFINER_DEPTH = (0, 1, 1, 0)  # attention_resolutions [4, 2]: levels 1 and 2 (the refiner's depth 4 kept at 1)
 
 FORGE_SD1_STEM = "tiny-forge-sd1"
 FORGE_SD1_CHANNELS = 320  # huggingface_guess's SD15 needs model_channels 320 and context_dim 768
@@ -364,18 +388,24 @@ model:
   params:
     {{linear_start: 0.00085, linear_end: 0.012, num_timesteps_cond: 1, log_every_t: 200, timesteps: 1000,
      first_stage_key: jpg, cond_stage_key: txt, image_size: 64, channels: {z}, cond_stage_trainable: false,
-     conditioning_key: {conditioning}, {inpaint_params}monitor: val/loss_simple_ema, scale_factor: 0.18215,
+     conditioning_key: {conditioning}, {extra_params}monitor: val/loss_simple_ema, scale_factor: 0.18215,
      use_ema: false,
      unet_config: {{target: ldm.modules.diffusionmodules.openaimodel.UNetModel, params: {{
        image_size: 32, in_channels: {cin}, out_channels: {z}, model_channels: {mc}, attention_resolutions: [4, 2, 1],
        num_res_blocks: 2, channel_mult: {mult}, num_head_channels: {head}, use_spatial_transformer: true,
-       transformer_depth: 1, context_dim: {ctx}, use_checkpoint: false, legacy: false}}}},
+       use_linear_in_transformer: {linear}, transformer_depth: 1, context_dim: {ctx}, use_checkpoint: false,
+       legacy: false}}}},
      first_stage_config: {{target: ldm.models.autoencoder.AutoencoderKL, params: {{
        embed_dim: {z}, monitor: val/rec_loss, lossconfig: {{target: torch.nn.Identity}}, ddconfig: {{
          double_z: true, z_channels: {z}, resolution: 256, in_channels: 3, out_ch: 3, ch: {vch},
          ch_mult: {vmult}, num_res_blocks: 1, attn_resolutions: [], dropout: 0.0}}}}}},
-     cond_stage_config: {{target: ldm.modules.encoders.modules.FrozenCLIPEmbedder, params: {{version: "{clip}"}}}}}}
+     cond_stage_config: {cond}}}
 """
+# ldm's embedder of SD 1.x (the CLIP folder) and SD 2.x (OpenCLIP; version null: no pretrained
+# weights, so nothing is fetched; the penultimate layer, as v2-inference-v.yaml)
+_CLIP_COND = '{{target: ldm.modules.encoders.modules.FrozenCLIPEmbedder, params: {{version: "{clip}"}}}}'
+_OPENCLIP_COND = ("{{target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder,"
+                  " params: {{arch: {arch}, version: null, freeze: true, layer: penultimate}}}}")
 
 
 def make_tiny_checkpoint(out_dir: pathlib.Path, seed: int = 0, inpaint: bool = False) -> pathlib.Path:
@@ -395,28 +425,59 @@ def make_tiny_checkpoint(out_dir: pathlib.Path, seed: int = 0, inpaint: bool = F
         target="LatentInpaintDiffusion" if inpaint else "LatentDiffusion",
         conditioning="hybrid" if inpaint else "crossattn",
         # as v1-inpainting-inference.yaml: not a finetuning run (ldm would want its ckpt_path)
-        inpaint_params="finetune_keys: null, " if inpaint else "",
+        extra_params="finetune_keys: null, " if inpaint else "",
         cin=INPAINT_CHANNELS if inpaint else LATENT,
         z=LATENT,
         mc=UNET_CHANNELS,
         mult=list(UNET_MULT),
         head=HEAD_WIDTH,
+        linear="false",
         ctx=TEXT_WIDTH,
         vch=VAE_CHANNELS,
         vmult=list(VAE_MULT),
-        clip=clip_dir.as_posix(),
+        cond=_CLIP_COND.format(clip=clip_dir.as_posix()),
     )
     return _save(out_dir, stem, state, text)
 
 
-def _sdxl_config(clip_dir: pathlib.Path, ctx: int, adm: int, cin: int = LATENT) -> dict:
-    """configs/inference/sd_xl_base.yaml of generative-models, shrunk (``cin`` 9: the webui's
-    configs/sd_xl_inpaint.yaml)."""
-    size_embedders = [
-        {"is_trainable": False, "input_key": key, "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
-         "params": {"outdim": SIZE_EMBED}}
-        for key in ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
-    ]
+def make_tiny_sd2_v_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """Write the SD 2.x 768-v checkpoint and its YAML into ``out_dir``; return the checkpoint path."""
+    out_dir = pathlib.Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    open_clip_shapes = open_clip_text_shapes()
+    ctx = open_clip_shapes["ln_final.weight"][0]
+    gen = torch.Generator().manual_seed(seed)
+    state = _random(unet_shapes(ctx=ctx, linear=True), "model.diffusion_model.", gen)
+    state |= _random(vae_shapes(), "first_stage_model.", gen)
+    state |= _random(open_clip_shapes, "cond_stage_model.model.", gen)
+    # ldm's OpenCLIP embedder ends with ln_final: the same mean-keeping offset as in
+    # make_tiny_checkpoint (the webui's "Original" emphasis divides by the embedding's mean)
+    state["cond_stage_model.model.ln_final.bias"] += 0.5
+    text = _YAML.format(
+        target="LatentDiffusion", conditioning="crossattn", extra_params='parameterization: "v", ', cin=LATENT,
+        z=LATENT, mc=UNET_CHANNELS, mult=list(UNET_MULT), head=HEAD_WIDTH, linear="true", ctx=ctx,
+        vch=VAE_CHANNELS, vmult=list(VAE_MULT), cond=_OPENCLIP_COND.format(arch=OPENCLIP_ARCH),
+    )
+    return _save(out_dir, _stem(SD2_V_STEM, seed), state, text)
+
+
+def _size_embedders(*keys: str) -> list[dict]:
+    """sgm's ConcatTimestepEmbedderND for each conditioning key (two numbers each, one for the
+    aesthetic score)."""
+    return [{"is_trainable": False, "input_key": key, "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
+             "params": {"outdim": SIZE_EMBED}} for key in keys]
+
+
+# sgm's OpenCLIP embedder as the SDXL configs have it, with the tiny arch and no pretrained weights
+_OPENCLIP2 = {"is_trainable": False, "input_key": "txt",
+              "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
+              "params": {"arch": OPENCLIP_ARCH, "version": None, "freeze": True, "layer": "penultimate",
+                         "always_return_pooled": True, "legacy": False}}
+
+
+def _sgm_config(network: dict, embedders: list[dict]) -> dict:
+    """An sgm DiffusionEngine as generative-models' configs/inference/sd_xl_*.yaml, around the
+    UNetModel's ``network`` params and the conditioner's ``embedders``, with the tiny VAE."""
     return {"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": {
         "scale_factor": 0.13025,
         "disable_first_stage_autocast": True,
@@ -427,23 +488,12 @@ def _sdxl_config(clip_dir: pathlib.Path, ctx: int, adm: int, cin: int = LATENT) 
             "discretization_config": {"target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"},
         }},
         "network_config": {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
-            "adm_in_channels": adm, "num_classes": "sequential", "use_checkpoint": False, "in_channels": cin,
-            "out_channels": LATENT, "model_channels": UNET_CHANNELS, "attention_resolutions": [4, 2],
-            "num_res_blocks": 2, "channel_mult": list(SDXL_MULT), "num_head_channels": HEAD_WIDTH,
+            "num_classes": "sequential", "use_checkpoint": False, "out_channels": LATENT,
+            "model_channels": UNET_CHANNELS, "num_res_blocks": 2, "num_head_channels": HEAD_WIDTH,
             "use_spatial_transformer": True, "use_linear_in_transformer": True,
-            "transformer_depth": list(SDXL_DEPTH), "context_dim": ctx,
-            "spatial_transformer_attn_type": "softmax-xformers", "legacy": False,
+            "spatial_transformer_attn_type": "softmax-xformers", "legacy": False, **network,
         }},
-        "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": [
-            {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
-             # the penultimate layer, as layer_idx 11 of CLIP ViT-L's 12
-             "params": {"layer": "hidden", "layer_idx": TEXT_LAYERS - 1, "version": clip_dir.as_posix()}},
-            {"is_trainable": False, "input_key": "txt",
-             "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
-             "params": {"arch": OPENCLIP_ARCH, "version": None, "freeze": True, "layer": "penultimate",
-                        "always_return_pooled": True, "legacy": False}},
-            *size_embedders,
-        ]}},
+        "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": embedders}},
         "first_stage_config": {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "params": {
             "embed_dim": LATENT, "monitor": "val/rec_loss",
             "ddconfig": {"attn_type": "none", "double_z": True, "z_channels": LATENT, "resolution": 256,
@@ -453,6 +503,20 @@ def _sdxl_config(clip_dir: pathlib.Path, ctx: int, adm: int, cin: int = LATENT) 
             "lossconfig": {"target": "torch.nn.Identity"},
         }},
     }}}
+
+
+def _sdxl_config(clip_dir: pathlib.Path, ctx: int, adm: int, cin: int = LATENT) -> dict:
+    """configs/inference/sd_xl_base.yaml of generative-models, shrunk (``cin`` 9: the webui's
+    configs/sd_xl_inpaint.yaml)."""
+    network = {"adm_in_channels": adm, "in_channels": cin, "attention_resolutions": [4, 2],
+               "channel_mult": list(SDXL_MULT), "transformer_depth": list(SDXL_DEPTH), "context_dim": ctx}
+    return _sgm_config(network, [
+        {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+         # the penultimate layer, as layer_idx 11 of CLIP ViT-L's 12
+         "params": {"layer": "hidden", "layer_idx": TEXT_LAYERS - 1, "version": clip_dir.as_posix()}},
+        _OPENCLIP2,
+        *_size_embedders("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"),
+    ])
 
 
 def make_tiny_sdxl_checkpoint(out_dir: pathlib.Path, seed: int = 0, inpaint: bool = False) -> pathlib.Path:
@@ -474,6 +538,27 @@ def make_tiny_sdxl_checkpoint(out_dir: pathlib.Path, seed: int = 0, inpaint: boo
     state |= _clip_text_state(text_config, "conditioner.embedders.0.transformer.", seed)
     text = OmegaConf.to_yaml(OmegaConf.create(_sdxl_config(clip_dir, ctx, adm, cin)))
     return _save(out_dir, stem, state, text)
+
+
+def make_tiny_sdxl_refiner_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """Write the SDXL refiner checkpoint and its YAML into ``out_dir``; return the checkpoint path."""
+    out_dir = pathlib.Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    open_clip_shapes = open_clip_text_shapes()
+    ctx = open_clip_shapes["ln_final.weight"][0]
+    # the pooled text and five numbers of 256: original size (2), crop (2), aesthetic score (1)
+    adm = open_clip_shapes["text_projection"][1] + 5 * SIZE_EMBED
+    gen = torch.Generator().manual_seed(seed)
+    state = _random(unet_shapes(mult=REFINER_MULT, ctx=ctx, depth=REFINER_DEPTH, linear=True, adm=adm),
+                    "model.diffusion_model.", gen)
+    vae = vae_shapes(mult=SDXL_VAE_MULT, nres=SDXL_VAE_RES, attn=False, resample_conv=False)
+    state |= _random(vae, "first_stage_model.", gen)
+    state |= _random(open_clip_shapes, "conditioner.embedders.0.model.", gen)
+    network = {"adm_in_channels": adm, "in_channels": LATENT, "attention_resolutions": [4, 2],
+               "channel_mult": list(REFINER_MULT), "transformer_depth": 1, "context_dim": ctx}
+    config = _sgm_config(network, [_OPENCLIP2, *_size_embedders("original_size_as_tuple", "crop_coords_top_left",
+                                                                "aesthetic_score")])
+    return _save(out_dir, _stem(REFINER_STEM, seed), state, OmegaConf.to_yaml(OmegaConf.create(config)))
 
 
 def make_forge_sd1_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
@@ -520,7 +605,8 @@ def make_forge_sdxl_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.
 WRITERS = {"sd1": make_tiny_checkpoint, "sdxl": make_tiny_sdxl_checkpoint, "forge-sd1": make_forge_sd1_checkpoint,
            "forge-sdxl": make_forge_sdxl_checkpoint,
            "sd1-inpaint": functools.partial(make_tiny_checkpoint, inpaint=True),
-           "sdxl-inpaint": functools.partial(make_tiny_sdxl_checkpoint, inpaint=True)}
+           "sdxl-inpaint": functools.partial(make_tiny_sdxl_checkpoint, inpaint=True),
+           "sd2-v": make_tiny_sd2_v_checkpoint, "sdxl-refiner": make_tiny_sdxl_refiner_checkpoint}
 
 if __name__ == "__main__":
     args = sys.argv[1:]
