@@ -9,15 +9,16 @@ of them at every step to the outputs of input blocks 2, 5, 8 and 11 (scripts/ada
 PlugableAdapter, scripts/hook.py). On every forward HiDiffusion patches, the trace says each
 feature the adapter handed over has the size of the block it lands on, RAU-Net steps (where
 blocks 5, 8 and 11 are shrunk) included. 768x768 (1.5x the native side), 4 steps, T1 0.5:
-RAU-Net runs at steps 0 and 1, not at steps 2 and 3. A few minutes on a 2-core CPU.
+RAU-Net runs at steps 0 and 1, not at steps 2 and 3. SDXL (``t2i-sdxl`` on the tiny SDXL
+checkpoint: features added to input blocks 3, 5, 8 and the middle block) runs 1536x1536 for 3
+steps: RAU-Net at step 0. A few minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
 
 import pytest
-from conftest import digest, infotexts, needs_controlnet, needs_webui, no_traceback, running_webui, write_checkpoint
-from conftest import write_controlnet as write_model
-from test_controlnet_e2e import Controlled, unit
+from conftest import digest, infotexts, needs_controlnet, needs_webui, no_traceback
+from test_controlnet_e2e import controlled_webui, unit
 
 from hidiffusion_lib import script_args as sa
 
@@ -25,18 +26,12 @@ pytestmark = [needs_webui, needs_controlnet]
 SIZE, STEPS = 768, 4
 ON = sa.to_positional({"enabled": True, "t1": 0.5})
 LANDS = (2, 5, 8, 11)  # scripts/hook.py t2i_injection for SD 1.x
+LANDS_SDXL = (3, 5, 8, -1)  # ... and for SDXL (-1: the middle block, which keeps the last skip's size)
 
 
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("webui-t2i-adapter")
-    ckpt = write_checkpoint(workdir / "ckpt")
-    models = workdir / "controlnet"
-    adapter = write_model(models, "t2i-sd1")
-    trace = workdir / "trace.jsonl"
-    with running_webui(workdir, ckpt, env={"HIDIFFUSION_TRACE": str(trace)}, controlnet_models=models) as client:
-        webui = Controlled(client.url, client.log)
-        webui.trace, webui.model = trace, adapter.stem
+    with controlled_webui(tmp_path_factory.mktemp("webui-t2i-adapter"), "sd1", [("t2i-sd1", 0)]) as webui:
         yield webui
 
 
@@ -86,3 +81,34 @@ def test_off_is_unchanged_and_the_adapter_moves_the_image(sd1):
     on, _ = sd1.run("/sdapi/v1/txt2img", ON, one, **run)
     assert digest(on) != digest(without)
     no_traceback(sd1)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    with controlled_webui(tmp_path_factory.mktemp("webui-t2i-adapter-sdxl"), "sdxl", [("t2i-sdxl", 0)],
+                          settings={"live_previews_enable": False}) as webui:
+        yield webui
+
+
+def test_sdxl_adapter_features_land_on_the_levels_of_every_step(sdxl):
+    size, steps = 1536, 3
+    one = [unit(sdxl.model, size, size)]
+    on, records = sdxl.run("/sdapi/v1/txt2img", [True], one, steps=steps, width=size, height=size)
+    forwards = records[0]["forwards"]
+    latent = size // 8
+    full = [(latent // 2,) * 2, (latent // 2,) * 2, (latent // 4,) * 2, (latent // 4,) * 2]  # the adapter's own
+    # sdxl_2048's T1 0.4 (an adapter is not a ControlNet: not its ratios): RAU-Net at step 0 of 3
+    assert [f["main"] for f in forwards] == [True, False, False]
+    assert 'HiDiffusion schedule: "sdxl_2048: T1 0.4, T2 0, aggressive"' in infotexts(on)[0]
+    for forward in forwards:
+        print(f"step {forward['step']} main {forward['main']} skips {forward['skips']} features {forward['features']}")
+        skips = sizes(forward, "skips")
+        assert forward["features"] is not None, f"no adapter features at step {forward['step']}: {forward}"
+        assert sizes(forward, "features") == [skips[i] for i in LANDS_SDXL], forward
+        assert (sizes(forward, "features") != full) == forward["main"], forward
+    assert "T2I-Adapter unit(s): features resized bicubic" in infotexts(on)[0]
+    log = sdxl.log_text()
+    assert "tiny T2I-Adapter: loaded strictly" in log
+    for bad in ("could not be applied", "size mismatch", "Error running"):
+        assert bad not in log, bad
+    no_traceback(sdxl)

@@ -13,8 +13,10 @@ the ControlNet); SDXL runs 2048x2048 for 2 steps. About 10 minutes on a 2-core C
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,7 @@ def unit(model: str, width: int, height: int, shift: int = 0, **overrides) -> di
 
 class Controlled(Webui):
     trace: Path
+    models: list[str]
     model: str
 
     def run(self, route: str, hidiffusion: list | None, units: list[dict], **overrides) -> tuple[dict, list[dict]]:
@@ -88,17 +91,30 @@ def assert_residuals_fit(forwards: list[dict]) -> None:
         assert [tuple(r) for r in forward["residuals"]] == [*skips, skips[-1]], forward
 
 
+@contextlib.contextmanager
+def controlled_webui(workdir: Path, checkpoint: str, models: Sequence[tuple[str, int]], settings: dict | None = None,
+                     env: dict[str, str] | None = None, cls: type[Controlled] = Controlled) -> Iterator[Controlled]:
+    """A webui with sd-webui-controlnet and the engine's trace on: the tiny ``checkpoint`` (a
+    tiny_checkpoint.py kind) loaded, the tiny control models ``models`` ((tiny_controlnet.py kind,
+    seed) each) in its ControlNet folder, their names in ``webui.models`` (the first also
+    ``webui.model``); ``settings``: the webui's config.json (SDXL-type models need live previews
+    off, or the webui fetches a preview decoder); ``env``: more for its environment."""
+    if settings is not None:
+        (workdir / "config.json").write_text(json.dumps(settings))
+    ckpt = write_checkpoint(workdir / "ckpt", checkpoint)
+    folder = workdir / "controlnet"
+    stems = [write_controlnet(folder, kind, seed).stem for kind, seed in models]
+    trace = workdir / "trace.jsonl"
+    env = {"HIDIFFUSION_TRACE": str(trace), **(env or {})}
+    with running_webui(workdir, ckpt, env=env, controlnet_models=folder) as client:
+        webui = cls(client.url, client.log)
+        webui.trace, webui.models, webui.model = trace, stems, stems[0]
+        yield webui
+
+
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("webui-controlnet")
-    ckpt = write_checkpoint(workdir / "ckpt")
-    models = workdir / "controlnet"
-    first = write_controlnet(models, "sd1")
-    second = write_controlnet(models, "sd1", seed=1)
-    trace = workdir / "trace.jsonl"
-    with running_webui(workdir, ckpt, env={"HIDIFFUSION_TRACE": str(trace)}, controlnet_models=models) as client:
-        webui = Controlled(client.url, client.log)
-        webui.trace, webui.model, webui.second = trace, first.stem, second.stem
+    with controlled_webui(tmp_path_factory.mktemp("webui-controlnet"), "sd1", [("sd1", 0), ("sd1", 1)]) as webui:
         yield webui
 
 
@@ -126,7 +142,7 @@ def test_txt2img_one_unit_recipe_off_identical_and_reproducible(sd1):
 
 
 def test_two_units_and_a_unit_with_its_own_ending_step(sd1):
-    units = [unit(sd1.model, 1024, 1024), unit(sd1.second, 1024, 1024, shift=40, weight=0.5, guidance_end=0.3)]
+    units = [unit(sd1.model, 1024, 1024), unit(sd1.models[1], 1024, 1024, shift=40, weight=0.5, guidance_end=0.3)]
     body, records = sd1.run("/sdapi/v1/txt2img", ON, units)
     forwards = records[0]["forwards"]
     assert_residuals_fit(forwards)
@@ -175,15 +191,8 @@ def test_reference_only_unit_runs(sd1):
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("webui-controlnet-sdxl")
-    (workdir / "config.json").write_text(json.dumps({"live_previews_enable": False, "skip_early_cond": 1.0}))
-    ckpt = write_checkpoint(workdir / "ckpt", "sdxl")
-    models = workdir / "controlnet"
-    model = write_controlnet(models, "sdxl")
-    trace = workdir / "trace.jsonl"
-    with running_webui(workdir, ckpt, env={"HIDIFFUSION_TRACE": str(trace)}, controlnet_models=models) as client:
-        webui = Controlled(client.url, client.log)
-        webui.trace, webui.model = trace, model.stem
+    with controlled_webui(tmp_path_factory.mktemp("webui-controlnet-sdxl"), "sdxl", [("sdxl", 0)],
+                          settings={"live_previews_enable": False, "skip_early_cond": 1.0}) as webui:
         yield webui
 
 

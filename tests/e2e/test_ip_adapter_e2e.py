@@ -27,20 +27,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import (
-    cached_model,
-    infotexts,
-    needs_controlnet,
-    needs_webui,
-    no_traceback,
-    pixels,
-    running_webui,
-    same,
-    webui_python,
-    write_checkpoint,
-)
-from conftest import write_controlnet as write_model
-from test_controlnet_e2e import Controlled, control_image
+from conftest import cached_model, infotexts, needs_controlnet, needs_webui, no_traceback, pixels, same, webui_python
+from test_controlnet_e2e import Controlled, control_image, controlled_webui
 
 from hidiffusion_lib import script_args as sa
 
@@ -69,20 +57,16 @@ class IPControlled(Controlled):
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("webui-ip-adapter")
-    ckpt = write_checkpoint(workdir / "ckpt")
-    models = workdir / "controlnet"
-    adapter = write_model(models, "ip-sd1")
     # 1.3 GB, kept across runs; linked where the extension looks for it: running_webui gives it
     # workdir/controlnet-annotators as its preprocessor folder, clip_vision/ under it
     clip = cached_model(Path(tempfile.gettempdir()) / "sd-webui-hidiffusion-e2e-clip-vision", "clip_h.pth",
                         webui_python(), "tiny_controlnet.py", "clip-h")
     (workdir / "controlnet-annotators" / "clip_vision").mkdir(parents=True)
     (workdir / "controlnet-annotators" / "clip_vision" / "clip_h.pth").symlink_to(clip)
-    trace, ip_trace = workdir / "trace.jsonl", workdir / "ip-trace.jsonl"
-    env = {"HIDIFFUSION_TRACE": str(trace), "TINY_IPADAPTER_TRACE": str(ip_trace)}
-    with running_webui(workdir, ckpt, env=env, controlnet_models=models) as client:
-        webui = IPControlled(client.url, client.log)
-        webui.trace, webui.ip_trace, webui.model = trace, ip_trace, adapter.stem
+    ip_trace = workdir / "ip-trace.jsonl"
+    with controlled_webui(workdir, "sd1", [("ip-sd1", 0)], env={"TINY_IPADAPTER_TRACE": str(ip_trace)},
+                          cls=IPControlled) as webui:
+        webui.ip_trace = ip_trace
         yield webui
 
 
