@@ -5,7 +5,9 @@ Environment: WEBUI_DIR (a webui checkout with its repositories/; without it ever
 skips), WEBUI_PYTHON (its venv's python, default WEBUI_DIR/venv/bin/python), CONTROLNET_DIR (a
 checkout of sd-webui-controlnet whose requirements are in that venv; tests marked
 ``needs_controlnet`` skip without it), MULTIDIFFUSION_DIR (a checkout of
-multidiffusion-upscaler-for-automatic1111: Tiled Diffusion and Tiled VAE; ``needs_multidiffusion``).
+multidiffusion-upscaler-for-automatic1111: Tiled Diffusion and Tiled VAE; ``needs_multidiffusion``),
+WEBUI_MODELS (a folder for the big tiny checkpoints, reused across runs; default a folder in the
+temp directory: see ``webui_checkpoint``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -119,6 +122,32 @@ def write_checkpoint(out_dir: Path, kind: str = "sd1") -> Path:
     subprocess.run([webui_python(), str(ROOT / "tests" / "e2e" / "tiny_checkpoint.py"), str(out_dir), kind],
                    check=True, stdout=subprocess.PIPE)
     return out_dir / f"tiny-{kind}.safetensors"
+
+
+def cached_checkpoint(folder: Path, python: str, kind: str, seed: int = 0) -> Path:
+    """tiny_checkpoint.py's ``kind`` (``seed``) in ``folder``, written there first with ``python``
+    if it is not yet: for the big ones (seconds to write, GiBs), reused across runs."""
+    name = f"tiny-{kind}.safetensors" if seed == 0 else f"tiny-{kind}-seed{seed}.safetensors"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".write.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / name).exists():  # written aside and moved in: never a half file
+            with tempfile.TemporaryDirectory(dir=folder) as partial:
+                subprocess.run([python, str(ROOT / "tests" / "e2e" / "tiny_checkpoint.py"), partial,
+                                kind, str(seed)], check=True, stdout=subprocess.PIPE)
+                # what the writer made beside the checkpoint (sd3: its HF home) first, the checkpoint last
+                for entry in sorted(Path(partial).iterdir(), key=lambda entry: entry.name == name):
+                    if (folder / entry.name).is_dir():  # left by a write that was killed before its checkpoint
+                        shutil.rmtree(folder / entry.name)
+                    os.replace(entry, folder / entry.name)
+    return folder / name
+
+
+def webui_checkpoint(kind: str, seed: int = 0) -> Path:
+    """A big tiny checkpoint for the webui (tiny_checkpoint.py's ``sd3``: 1.7 GiB, ~20 s to write)
+    in WEBUI_MODELS (default a folder in the temp directory), written there first if it is not yet."""
+    folder = Path(os.environ.get("WEBUI_MODELS") or Path(tempfile.gettempdir()) / "sd-webui-hidiffusion-e2e-webui")
+    return cached_checkpoint(folder, webui_python(), kind, seed)
 
 
 def write_controlnet(out_dir: Path, kind: str = "sd1", seed: int = 0) -> Path:
@@ -284,16 +313,7 @@ def forge_checkpoint(seed: int = 0, kind: str = "forge-sd1") -> Path:
     """A tiny random-weight checkpoint for Forge (tiny_checkpoint.py's ``kind``: ``forge-sd1`` or
     ``forge-sdxl``; ``seed`` 0 or another) in FORGE_MODELS, written there first if it is not yet."""
     folder = Path(os.environ.get("FORGE_MODELS") or Path(tempfile.gettempdir()) / "sd-webui-hidiffusion-e2e-forge")
-    name = f"tiny-{kind}.safetensors" if seed == 0 else f"tiny-{kind}-seed{seed}.safetensors"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".write.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (folder / name).exists():  # written aside and moved in: never a half file
-            with tempfile.TemporaryDirectory(dir=folder) as partial:
-                subprocess.run([forge_python(), str(ROOT / "tests" / "e2e" / "tiny_checkpoint.py"), partial,
-                                kind, str(seed)], check=True, stdout=subprocess.PIPE)
-                os.replace(Path(partial) / name, folder / name)
-    return folder / name
+    return cached_checkpoint(folder, forge_python(), kind, seed)
 
 
 def write_taesd(folder: Path) -> None:
@@ -302,7 +322,9 @@ def write_taesd(folder: Path) -> None:
     instead of the trained ones (not available offline): the decoder paints latent channels 0-2 as
     colours (0.5 + 0.12 * channel, +-0.04 * channel 3, per 8x8 block: every latent change shows,
     nothing saturates), the encoder samples every 8th pixel into latent channels 0-2. A second for
-    the decode instead of the full VAE's half minute."""
+    the decode instead of the full VAE's half minute. taesd3_*.pth (16 latent channels, which the
+    AUTOMATIC1111 webui loads for SD3): the decoder paints each channel c into colour c % 3
+    (0.5 +- 0.05 * channel)."""
     import torch
 
     def center(n_out: int, n_in: int, taps: list[tuple[int, int, float]]) -> torch.Tensor:
@@ -324,22 +346,32 @@ def write_taesd(folder: Path) -> None:
                     tensors[f"{index}.bias"] = item[1]
         return tensors
 
-    split = [(2 * c, c, 1.0) for c in range(4)] + [(2 * c + 1, c, -1.0) for c in range(4)]  # relu(x), relu(-x)
-    mix = [(0, 0, 0.12), (1, 1, 0.12), (2, 2, 0.12), (0, 3, 0.04), (1, 3, 0.04), (2, 3, -0.04)]
-    rgb = [(o, 2 * c, v) for o, c, v in mix] + [(o, 2 * c + 1, -v) for o, c, v in mix]
-    up = (center(64, 64, [(c, c, 1.0) for c in range(8)]), None)
-    blocks = ["block"] * 3
-    # clamp, conv, relu, 3 blocks, (upsample, conv, 3 blocks) x 2, upsample, conv, block, conv
-    decoder = [None, (center(64, 4, split), torch.zeros(64)), None, *blocks, None, up, *blocks, None, up, *blocks,
-               None, up, "block", (center(3, 64, rgb), torch.full((3,), 0.5))]
-    copy = [(c, c, 1.0) for c in range(3)]
-    down = (center(64, 64, copy), None)
-    encoder = [(center(64, 3, copy), torch.zeros(64)), "block", down, *blocks, down, *blocks, down, *blocks,
-               (center(4, 64, [(c, c, 4.0) for c in range(3)]), torch.tensor([-2.0, -2.0, -2.0, 0.0]))]
+    def layouts(latent: int, mix: list[tuple[int, int, float]]) -> tuple[list, list]:
+        split = [(2 * c, c, 1.0) for c in range(latent)] + [(2 * c + 1, c, -1.0) for c in range(latent)]  # relu(+-x)
+        rgb = [(o, 2 * c, v) for o, c, v in mix] + [(o, 2 * c + 1, -v) for o, c, v in mix]
+        up = (center(64, 64, [(c, c, 1.0) for c in range(2 * latent)]), None)
+        blocks = ["block"] * 3
+        # clamp, conv, relu, 3 blocks, (upsample, conv, 3 blocks) x 2, upsample, conv, block, conv
+        decoder = [None, (center(64, latent, split), torch.zeros(64)), None, *blocks, None, up, *blocks, None, up,
+                   *blocks, None, up, "block", (center(3, 64, rgb), torch.full((3,), 0.5))]
+        copy = [(c, c, 1.0) for c in range(3)]
+        down = (center(64, 64, copy), None)
+        bias = torch.zeros(latent)
+        bias[:3] = -2.0
+        encoder = [(center(64, 3, copy), torch.zeros(64)), "block", down, *blocks, down, *blocks, down, *blocks,
+                   (center(latent, 64, [(c, c, 4.0) for c in range(3)]), bias)]
+        return decoder, encoder
+
+    mix4 = [(0, 0, 0.12), (1, 1, 0.12), (2, 2, 0.12), (0, 3, 0.04), (1, 3, 0.04), (2, 3, -0.04)]
+    mix16 = [(c % 3, c, 0.05 if c % 2 == 0 else -0.05) for c in range(16)]
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("taesd", "taesdxl"):
-        torch.save(state(decoder), folder / f"{name}_decoder.pth")
-        torch.save(state(encoder), folder / f"{name}_encoder.pth")
+    for names, latent, mix in ((("taesd", "taesdxl"), 4, mix4), (("taesd3",), 16, mix16)):
+        decoder, encoder = layouts(latent, mix)
+        for name in names:
+            # the pre-zip format: the AUTOMATIC1111 webui's safe unpickler (modules/safe.py) refuses the
+            # .format_version entry that newer torch writes into the zip
+            torch.save(state(decoder), folder / f"{name}_decoder.pth", _use_new_zipfile_serialization=False)
+            torch.save(state(encoder), folder / f"{name}_encoder.pth", _use_new_zipfile_serialization=False)
 
 
 @contextlib.contextmanager
