@@ -225,7 +225,7 @@ def running_webui(workdir: Path, ckpt: Path, ui: bool = False, extra_args: tuple
                   extensions: dict[str, Path] | None = None) -> Iterator[Webui]:
     """Start the webui on a free loopback port (API only unless ``ui``) with ``ckpt`` loaded.
 
-    Its settings and ui-config files live in ``workdir``, so each run starts from the
+    Its settings, ui-config and cache files live in ``workdir``, so each run starts from the
     webui's defaults and leaves WEBUI_DIR's own files alone. With ``controlnet_models`` (a
     folder of write_controlnet's models) sd-webui-controlnet (CONTROLNET_DIR) runs too, with
     that folder as its ``--controlnet-dir`` (its preprocessor folder in ``workdir``).
@@ -242,8 +242,10 @@ def running_webui(workdir: Path, ckpt: Path, ui: bool = False, extra_args: tuple
     if controlnet_models is not None:
         flags += ["--controlnet-dir", str(controlnet_models),
                   "--controlnet-annotator-models-path", str(workdir / "controlnet-annotators")]
+    # SD_WEBUI_CACHE_DIR: the webui's hash caches (sqlite) in workdir, not WEBUI_DIR/cache, which
+    # copies of one webui made with hard links share (one database, a WAL per folder: corrupted)
     process_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                   "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+                   "TRANSFORMERS_OFFLINE": "1", "SD_WEBUI_CACHE_DIR": str(workdir / "cache"), **(env or {})}
     with contextlib.ExitStack() as stack:
         if controlnet_models is not None:
             stack.enter_context(linked_controlnet())
