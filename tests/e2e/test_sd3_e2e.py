@@ -12,10 +12,10 @@ and a tiny SD 1.x checkpoint beside it; it starts one webui API-only on SD3 and 
 ``override_settings`` (not restored afterwards: each switch loads once).
 
 Cost: the MMDiT's steps take seconds, but the full-size SD3 VAE takes 2.5 minutes to decode
-1088x1024 on a 2-core CPU; the webui decodes with TAESD instead (the "Decode method" setting,
-conftest's hand-set ``taesd3_decoder.pth`` in a models folder of the test's own, so the webui
-downloads nothing). Every image is compared by its pixels: the PNG carries the infotext.
-About 3 minutes, most of it loading models.
+1088x1024 on a 2-core CPU; the webui decodes with TAESD instead (its "VAE type for decode"
+setting; conftest's hand-set ``taesd3_decoder.pth`` and ``taesd_decoder.pth`` in the test's own
+``--models-dir``, so the webui downloads nothing). Every image is compared by its pixels: the PNG
+carries the infotext. About 3 minutes, most of it loading models.
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ def webui(tmp_path_factory):
 
 def test_auto_runs_unchanged_with_a_note(webui):
     baseline = webui.baseline()  # first: a patch left behind would change it too
+    assert pixels(baseline).std() > 10  # not a flat image: comparing pixels can see a change
     body = webui.txt2img(SD3, [True])
     info = infotexts(body)[0]
     assert f"Model: {SD3}," in info and f"Size: {BASE['width']}x{BASE['height']}" in info
@@ -99,7 +100,7 @@ def test_explicit_preset_is_refused_naming_it_and_leaves_nothing(webui):
     preset = sa.to_positional({"enabled": True, "model": "SD 1.x"})
     status, body = webui.call("/sdapi/v1/txt2img", {**BASE, "override_settings": {"sd_model_checkpoint": SD3},
                                                      "alwayson_scripts": {"HiDiffusion": {"args": preset}}})
-    assert status == 422, body
+    assert status == 422, body.get("info", body)  # (an image's infotext, not its base64)
     assert body["errors"].startswith(f'HiDiffusion: {MODEL_PRESET} "SD 1.x" does not fit the loaded model: '
                                      f"{SD3_NAME} is not a U-Net"), body
     assert same(pixels(webui.txt2img(SD3, [False])), pixels(baseline))
