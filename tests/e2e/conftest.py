@@ -5,7 +5,9 @@ Environment: WEBUI_DIR (a webui checkout with its repositories/; without it ever
 skips), WEBUI_PYTHON (its venv's python, default WEBUI_DIR/venv/bin/python), CONTROLNET_DIR (a
 checkout of sd-webui-controlnet whose requirements are in that venv; tests marked
 ``needs_controlnet`` skip without it), MULTIDIFFUSION_DIR (a checkout of
-multidiffusion-upscaler-for-automatic1111: Tiled Diffusion and Tiled VAE; ``needs_multidiffusion``).
+multidiffusion-upscaler-for-automatic1111: Tiled Diffusion and Tiled VAE; ``needs_multidiffusion``),
+WEBUI_MODELS (a folder for the big tiny checkpoints, reused across runs; default a folder in the
+temp directory: see ``webui_checkpoint``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -121,6 +124,41 @@ def write_checkpoint(out_dir: Path, kind: str = "sd1") -> Path:
     return out_dir / f"tiny-{kind}.safetensors"
 
 
+def checkpoint_name(kind: str, seed: int = 0) -> str:
+    return f"tiny-{kind}.safetensors" if seed == 0 else f"tiny-{kind}-seed{seed}.safetensors"
+
+
+def cached_model(folder: Path, name: str, python: str, writer: str, kind: str, seed: int = 0) -> Path:
+    """``folder/name``, written there first by ``python tests/e2e/WRITER OUT_DIR KIND SEED`` if it
+    is not yet: for the big files (seconds to write, GiBs), reused across runs; several test
+    processes may ask at once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".write.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / name).exists():  # written aside and moved in: never a half file
+            with tempfile.TemporaryDirectory(dir=folder) as partial:
+                subprocess.run([python, str(ROOT / "tests" / "e2e" / writer), partial, kind, str(seed)],
+                               check=True, stdout=subprocess.PIPE)
+                # what the writer made beside the file (sd3: its HF home) first, the file last
+                for entry in sorted(Path(partial).iterdir(), key=lambda entry: entry.name == name):
+                    if (folder / entry.name).is_dir():  # left by a write that was killed before its file
+                        shutil.rmtree(folder / entry.name)
+                    os.replace(entry, folder / entry.name)
+    return folder / name
+
+
+def webui_models() -> Path:
+    """WEBUI_MODELS, where the big tiny models for the webui are kept (default a folder in the
+    temp directory)."""
+    return Path(os.environ.get("WEBUI_MODELS") or Path(tempfile.gettempdir()) / "sd-webui-hidiffusion-e2e-webui")
+
+
+def webui_checkpoint(kind: str, seed: int = 0) -> Path:
+    """A big tiny checkpoint for the webui (tiny_checkpoint.py's ``sd3``: 1.7 GiB, ~20 s to write)
+    in webui_models(), written there first if it is not yet."""
+    return cached_model(webui_models(), checkpoint_name(kind, seed), webui_python(), "tiny_checkpoint.py", kind, seed)
+
+
 def write_controlnet(out_dir: Path, kind: str = "sd1", seed: int = 0) -> Path:
     """Write a tiny random-weight ControlNet model for the tiny checkpoint of ``kind`` with the
     webui's python (tiny_controlnet.py); returns its path. Pass ``out_dir`` as ``running_webui``'s
@@ -196,7 +234,7 @@ def running_webui(workdir: Path, ckpt: Path, ui: bool = False, extra_args: tuple
                   extensions: dict[str, Path] | None = None) -> Iterator[Webui]:
     """Start the webui on a free loopback port (API only unless ``ui``) with ``ckpt`` loaded.
 
-    Its settings and ui-config files live in ``workdir``, so each run starts from the
+    Its settings, ui-config and cache files live in ``workdir``, so each run starts from the
     webui's defaults and leaves WEBUI_DIR's own files alone. With ``controlnet_models`` (a
     folder of write_controlnet's models) sd-webui-controlnet (CONTROLNET_DIR) runs too, with
     that folder as its ``--controlnet-dir`` (its preprocessor folder in ``workdir``).
@@ -213,8 +251,10 @@ def running_webui(workdir: Path, ckpt: Path, ui: bool = False, extra_args: tuple
     if controlnet_models is not None:
         flags += ["--controlnet-dir", str(controlnet_models),
                   "--controlnet-annotator-models-path", str(workdir / "controlnet-annotators")]
+    # SD_WEBUI_CACHE_DIR: the webui's hash caches (sqlite) in workdir, not WEBUI_DIR/cache, which
+    # copies of one webui made with hard links share (one database, a WAL per folder: corrupted)
     process_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                   "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+                   "TRANSFORMERS_OFFLINE": "1", "SD_WEBUI_CACHE_DIR": str(workdir / "cache"), **(env or {})}
     with contextlib.ExitStack() as stack:
         if controlnet_models is not None:
             stack.enter_context(linked_controlnet())
@@ -280,26 +320,13 @@ def forge_python() -> str:
     return os.environ.get("FORGE_PYTHON", str(Path(FORGE_DIR) / "venv" / "bin" / "python"))
 
 
-def cached_model(folder: Path, name: str, python: str, writer: str, kind: str, seed: int = 0) -> Path:
-    """``folder/name``, written first by ``python tests/e2e/WRITER OUT_DIR KIND SEED`` if it is not
-    there yet: for the big files, kept across runs (several test processes may ask at once)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".write.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (folder / name).exists():  # written aside and moved in: never a half file
-            with tempfile.TemporaryDirectory(dir=folder) as partial:
-                subprocess.run([python, str(ROOT / "tests" / "e2e" / writer), partial, kind, str(seed)],
-                               check=True, stdout=subprocess.PIPE)
-                os.replace(Path(partial) / name, folder / name)
-    return folder / name
 
 
 def forge_checkpoint(seed: int = 0, kind: str = "forge-sd1") -> Path:
     """A tiny random-weight checkpoint for Forge (tiny_checkpoint.py's ``kind``: ``forge-sd1`` or
     ``forge-sdxl``; ``seed`` 0 or another) in FORGE_MODELS, written there first if it is not yet."""
     folder = Path(os.environ.get("FORGE_MODELS") or Path(tempfile.gettempdir()) / "sd-webui-hidiffusion-e2e-forge")
-    name = f"tiny-{kind}.safetensors" if seed == 0 else f"tiny-{kind}-seed{seed}.safetensors"
-    return cached_model(folder, name, forge_python(), "tiny_checkpoint.py", kind, seed)
+    return cached_model(folder, checkpoint_name(kind, seed), forge_python(), "tiny_checkpoint.py", kind, seed)
 
 
 def write_taesd(folder: Path) -> None:
@@ -308,7 +335,9 @@ def write_taesd(folder: Path) -> None:
     instead of the trained ones (not available offline): the decoder paints latent channels 0-2 as
     colours (0.5 + 0.12 * channel, +-0.04 * channel 3, per 8x8 block: every latent change shows,
     nothing saturates), the encoder samples every 8th pixel into latent channels 0-2. A second for
-    the decode instead of the full VAE's half minute."""
+    the decode instead of the full VAE's half minute. taesd3_*.pth (16 latent channels, which the
+    AUTOMATIC1111 webui loads for SD3): the decoder paints each channel c into colour c % 3
+    (0.5 +- 0.05 * channel)."""
     import torch
 
     def center(n_out: int, n_in: int, taps: list[tuple[int, int, float]]) -> torch.Tensor:
@@ -330,22 +359,32 @@ def write_taesd(folder: Path) -> None:
                     tensors[f"{index}.bias"] = item[1]
         return tensors
 
-    split = [(2 * c, c, 1.0) for c in range(4)] + [(2 * c + 1, c, -1.0) for c in range(4)]  # relu(x), relu(-x)
-    mix = [(0, 0, 0.12), (1, 1, 0.12), (2, 2, 0.12), (0, 3, 0.04), (1, 3, 0.04), (2, 3, -0.04)]
-    rgb = [(o, 2 * c, v) for o, c, v in mix] + [(o, 2 * c + 1, -v) for o, c, v in mix]
-    up = (center(64, 64, [(c, c, 1.0) for c in range(8)]), None)
-    blocks = ["block"] * 3
-    # clamp, conv, relu, 3 blocks, (upsample, conv, 3 blocks) x 2, upsample, conv, block, conv
-    decoder = [None, (center(64, 4, split), torch.zeros(64)), None, *blocks, None, up, *blocks, None, up, *blocks,
-               None, up, "block", (center(3, 64, rgb), torch.full((3,), 0.5))]
-    copy = [(c, c, 1.0) for c in range(3)]
-    down = (center(64, 64, copy), None)
-    encoder = [(center(64, 3, copy), torch.zeros(64)), "block", down, *blocks, down, *blocks, down, *blocks,
-               (center(4, 64, [(c, c, 4.0) for c in range(3)]), torch.tensor([-2.0, -2.0, -2.0, 0.0]))]
+    def layouts(latent: int, mix: list[tuple[int, int, float]]) -> tuple[list, list]:
+        split = [(2 * c, c, 1.0) for c in range(latent)] + [(2 * c + 1, c, -1.0) for c in range(latent)]  # relu(+-x)
+        rgb = [(o, 2 * c, v) for o, c, v in mix] + [(o, 2 * c + 1, -v) for o, c, v in mix]
+        up = (center(64, 64, [(c, c, 1.0) for c in range(2 * latent)]), None)
+        blocks = ["block"] * 3
+        # clamp, conv, relu, 3 blocks, (upsample, conv, 3 blocks) x 2, upsample, conv, block, conv
+        decoder = [None, (center(64, latent, split), torch.zeros(64)), None, *blocks, None, up, *blocks, None, up,
+                   *blocks, None, up, "block", (center(3, 64, rgb), torch.full((3,), 0.5))]
+        copy = [(c, c, 1.0) for c in range(3)]
+        down = (center(64, 64, copy), None)
+        bias = torch.zeros(latent)
+        bias[:3] = -2.0
+        encoder = [(center(64, 3, copy), torch.zeros(64)), "block", down, *blocks, down, *blocks, down, *blocks,
+                   (center(latent, 64, [(c, c, 4.0) for c in range(3)]), bias)]
+        return decoder, encoder
+
+    mix4 = [(0, 0, 0.12), (1, 1, 0.12), (2, 2, 0.12), (0, 3, 0.04), (1, 3, 0.04), (2, 3, -0.04)]
+    mix16 = [(c % 3, c, 0.05 if c % 2 == 0 else -0.05) for c in range(16)]
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("taesd", "taesdxl"):
-        torch.save(state(decoder), folder / f"{name}_decoder.pth")
-        torch.save(state(encoder), folder / f"{name}_encoder.pth")
+    for names, latent, mix in ((("taesd", "taesdxl"), 4, mix4), (("taesd3",), 16, mix16)):
+        decoder, encoder = layouts(latent, mix)
+        for name in names:
+            # the pre-zip format: the AUTOMATIC1111 webui's safe unpickler (modules/safe.py) refuses the
+            # .format_version entry that newer torch writes into the zip
+            torch.save(state(decoder), folder / f"{name}_decoder.pth", _use_new_zipfile_serialization=False)
+            torch.save(state(encoder), folder / f"{name}_encoder.pth", _use_new_zipfile_serialization=False)
 
 
 @contextlib.contextmanager

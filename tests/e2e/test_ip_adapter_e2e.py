@@ -23,11 +23,20 @@ import base64
 import io
 import json
 import math
-import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import cached_model, infotexts, needs_controlnet, needs_webui, no_traceback, pixels, same, webui_python
+from conftest import (
+    cached_model,
+    infotexts,
+    needs_controlnet,
+    needs_webui,
+    no_traceback,
+    pixels,
+    same,
+    webui_models,
+    webui_python,
+)
 from test_controlnet_e2e import Controlled, control_image, controlled_webui
 
 from hidiffusion_lib import script_args as sa
@@ -57,10 +66,9 @@ class IPControlled(Controlled):
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("webui-ip-adapter")
-    # 1.3 GB, kept across runs; linked where the extension looks for it: running_webui gives it
+    # 1.3 GB, kept across runs (WEBUI_MODELS); linked where the extension looks for it: running_webui gives it
     # workdir/controlnet-annotators as its preprocessor folder, clip_vision/ under it
-    clip = cached_model(Path(tempfile.gettempdir()) / "sd-webui-hidiffusion-e2e-clip-vision", "clip_h.pth",
-                        webui_python(), "tiny_controlnet.py", "clip-h")
+    clip = cached_model(webui_models(), "clip_h.pth", webui_python(), "tiny_controlnet.py", "clip-h")
     (workdir / "controlnet-annotators" / "clip_vision").mkdir(parents=True)
     (workdir / "controlnet-annotators" / "clip_vision" / "clip_h.pth").symlink_to(clip)
     ip_trace = workdir / "ip-trace.jsonl"

@@ -36,6 +36,18 @@ ViT-bigG/14 text tower and the SDXL VAE keep their full shapes. fp16, keys as in
 base checkpoint (``conditioner.embedders.0.transformer.text_model.``, ``conditioner.embedders.1.model.``);
 1.8 G parameters, 3.4 GiB.
 
+``sd3``: ``tiny-sd3.safetensors`` and ``tiny-sd3-hf/`` (a Hugging Face home: set HF_HOME to it).
+The webui v1.10.1 has no YAML for SD3 (modules/models/sd3/): it reads the MMDiT's depth, patch
+size and position grid from the state dict (here depth 2, so 128 wide and 2 heads; 2x2 patches;
+SD3 Medium's 192x192 grid), but builds the VAE and the CLIP-L and CLIP-G text encoders at full
+size from fixed configs and downloads CLIP weights a checkpoint lacks: those keep their full
+shapes (about 0.9 G parameters, fp16: 1.7 GiB). T5-XXL is off (the webui's default,
+``sd3_enable_t5``) and has no weights here. The tokenizers come from the hub by name
+(``openai/clip-vit-large-patch14``, ``google/t5-v1_1-xxl``, even with T5 off): ``tiny-sd3-hf/hub``
+holds both as a hub cache that transformers reads offline, the CLIP one from open_clip's BPE
+vocabulary as for sd1, the T5 one a small Unigram model with T5's special tokens (pad 0, eos 1,
+unk 2). The webui tells SD3 by ``model.diffusion_model.x_embedder.proj.weight``.
+
 ``sd1-inpaint`` and ``sdxl-inpaint``: the same with the inpainting layouts (9 input channels: latent,
 mask, masked-image latent), as the SD 1.5-inpainting and SDXL inpainting checkpoints have them.
 
@@ -60,21 +72,23 @@ as in sdxl but at index 0, and ``adm_in_channels`` for its pooled output and fiv
 
 Weights are random, the same for a given seed. The YAML names the CLIP folder by absolute
 path: move them together or rerun. A non-zero SEED writes ``tiny-KIND-seedSEED.*`` and its own
-CLIP folder (``forge-sd1``, ``forge-sdxl``: the checkpoint alone), e.g. a second SDXL checkpoint to switch to as a
-refiner (two writers can run at once).
+CLIP folder (``forge-sd1``, ``forge-sdxl``: the checkpoint alone; ``sd3``: its own HF home), e.g. a second
+SDXL checkpoint to switch to as a refiner (two writers can run at once).
 
 Usage: ``python tests/e2e/tiny_checkpoint.py OUT_DIR [KIND [SEED]]``, KIND one of the above (default sd1; needs torch,
-safetensors, omegaconf, transformers and open_clip, as in the webui's or Forge's venv).
+safetensors, omegaconf, transformers, tokenizers and open_clip, as in the webui's or Forge's venv).
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import importlib.util
 import json
 import math
 import pathlib
+import string
 import sys
 
 import torch
@@ -127,6 +141,21 @@ CLIP_G_ARCH = "ViT-bigG-14"  # open_clip's config: text width 1280, 32 layers, 2
 SD_VAE_CHANNELS = 128
 SD_VAE_MULT = (1, 2, 4, 4)
 SD_VAE_RES = 2
+
+SD3_STEM = "tiny-sd3"
+SD3_DEPTH = 2  # the MMDiT is 64 * depth wide with depth heads (mmdit.py); SD3 Medium: 24
+SD3_PATCH = 2
+SD3_GRID = 192  # pos_embed_max_size: patch grids up to 192x192 (3072 px), as SD3 Medium
+SD3_LATENT = 16
+SD3_CONTEXT = 4096  # CLIP-L and CLIP-G features side by side, padded to T5-XXL's width
+# (width, layers, MLP width) of sd3_cond.py's CLIPL_CONFIG and CLIPG_CONFIG
+SD3_CLIP_L = (768, 12, 3072)
+SD3_CLIP_G = (1280, 32, 5120)
+SD3_POOLED = SD3_CLIP_L[0] + SD3_CLIP_G[0]
+CLIP_VOCAB = 49408
+# The hub repositories sd3_cond.py / other_impls.py take the tokenizers from
+CLIP_REPO = "openai/clip-vit-large-patch14"
+T5_REPO = "google/t5-v1_1-xxl"
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -244,10 +273,11 @@ def _vae_mid(s: Shapes, p: str, c: int, attn: bool) -> None:
 
 
 def vae_shapes(ch: int = VAE_CHANNELS, mult: tuple[int, ...] = VAE_MULT, nres: int = 1, attn: bool = True,
-               resample_conv: bool = True) -> Shapes:
+               resample_conv: bool = True, z: int = LATENT, quant: bool = True) -> Shapes:
     """Parameter shapes of ldm's AutoencoderKL / sgm's AutoencodingEngineLegacy (double_z;
     no attention but the mid blocks', and none there without ``attn``: attn_type "none";
-    without ``resample_conv`` the down/upsamplers pool and repeat: resamp_with_conv false)."""
+    without ``resample_conv`` the down/upsamplers pool and repeat: resamp_with_conv false);
+    ``z`` latent channels; without ``quant`` no quant_conv/post_quant_conv (SD3's SDVAE)."""
     s: Shapes = {}
     _conv(s, "encoder.conv_in", ch, 3)
     c = ch
@@ -259,9 +289,9 @@ def vae_shapes(ch: int = VAE_CHANNELS, mult: tuple[int, ...] = VAE_MULT, nres: i
             _conv(s, f"encoder.down.{i}.downsample.conv", c, c)
     _vae_mid(s, "encoder.mid", c, attn)
     _norm(s, "encoder.norm_out", c)
-    _conv(s, "encoder.conv_out", 2 * LATENT, c)
+    _conv(s, "encoder.conv_out", 2 * z, c)
     c = ch * mult[-1]
-    _conv(s, "decoder.conv_in", c, LATENT)
+    _conv(s, "decoder.conv_in", c, z)
     _vae_mid(s, "decoder.mid", c, attn)
     for i in reversed(range(len(mult))):
         for j in range(nres + 1):
@@ -271,8 +301,9 @@ def vae_shapes(ch: int = VAE_CHANNELS, mult: tuple[int, ...] = VAE_MULT, nres: i
             _conv(s, f"decoder.up.{i}.upsample.conv", c, c)
     _norm(s, "decoder.norm_out", c)
     _conv(s, "decoder.conv_out", 3, c)
-    _conv(s, "quant_conv", 2 * LATENT, 2 * LATENT, 1)
-    _conv(s, "post_quant_conv", LATENT, LATENT, 1)
+    if quant:
+        _conv(s, "quant_conv", 2 * z, 2 * z, 1)
+        _conv(s, "post_quant_conv", z, z, 1)
     return s
 
 
@@ -324,8 +355,8 @@ def _bpe_path() -> pathlib.Path:
     return pathlib.Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
 
 
-def write_clip_folder(folder: pathlib.Path) -> CLIPTextConfig:
-    """CLIP ViT-L/14's tokenizer (same 49408-token vocabulary) and a small text-encoder config."""
+def write_clip_tokenizer(folder: pathlib.Path) -> int:
+    """CLIP ViT-L/14's tokenizer (the same 49408-token vocabulary) into ``folder``; returns the vocabulary size."""
     folder.mkdir(parents=True, exist_ok=True)
     with gzip.open(_bpe_path(), "rt", encoding="utf-8") as f:
         merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
@@ -336,8 +367,13 @@ def write_clip_folder(folder: pathlib.Path) -> CLIPTextConfig:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
     tokenizer.save_pretrained(str(folder))
+    return len(tokens)
+
+
+def write_clip_folder(folder: pathlib.Path) -> CLIPTextConfig:
+    """CLIP ViT-L/14's tokenizer (write_clip_tokenizer) and a small text-encoder config."""
     config = CLIPTextConfig(
-        vocab_size=len(tokens),
+        vocab_size=write_clip_tokenizer(folder),
         hidden_size=TEXT_WIDTH,
         intermediate_size=4 * TEXT_WIDTH,
         num_hidden_layers=TEXT_LAYERS,
@@ -602,8 +638,104 @@ def make_forge_sdxl_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.
     return _save(out_dir, _stem(FORGE_SDXL_STEM, seed), state, None)
 
 
+def mmdit_shapes(depth: int = SD3_DEPTH, patch: int = SD3_PATCH, grid: int = SD3_GRID) -> Shapes:
+    """Parameter shapes of the webui's SD3 MMDiT (modules/models/sd3/mmdit.py) as BaseModel
+    builds it from a state dict: 64 * ``depth`` wide, QKV biases, no QK norm, MLP ratio 4; the
+    last joint block's context half is ``pre_only`` (no output projection, no MLP)."""
+    h = 64 * depth
+    s: Shapes = {"x_embedder.proj.weight": (h, SD3_LATENT, patch, patch), "x_embedder.proj.bias": (h,),
+                 "pos_embed": (1, grid * grid, h)}
+    for name, cin in (("t_embedder", 256), ("y_embedder", SD3_POOLED)):  # 256: the timestep's frequencies
+        _linear(s, f"{name}.mlp.0", h, cin)
+        _linear(s, f"{name}.mlp.2", h, h)
+    _linear(s, "context_embedder", h, SD3_CONTEXT)
+    for i in range(depth):
+        for half in ("context_block", "x_block"):
+            p = f"joint_blocks.{i}.{half}"
+            pre_only = half == "context_block" and i == depth - 1
+            _linear(s, f"{p}.attn.qkv", 3 * h, h)
+            _linear(s, f"{p}.adaLN_modulation.1", (2 if pre_only else 6) * h, h)
+            if not pre_only:
+                _linear(s, f"{p}.attn.proj", h, h)
+                _linear(s, f"{p}.mlp.fc1", 4 * h, h)
+                _linear(s, f"{p}.mlp.fc2", h, 4 * h)
+    _linear(s, "final_layer.linear", patch * patch * SD3_LATENT, h)
+    _linear(s, "final_layer.adaLN_modulation.1", 2 * h, h)
+    return s
+
+
+def sd3_clip_shapes(width: int, layers: int, mlp: int) -> Shapes:
+    """Parameter shapes of an SD3 CLIP text encoder (other_impls.py's SDClipModel: transformers'
+    key names, a square text projection, a logit scale)."""
+    s: Shapes = {"transformer.text_model.embeddings.token_embedding.weight": (CLIP_VOCAB, width),
+                 "transformer.text_model.embeddings.position_embedding.weight": (77, width),
+                 "transformer.text_projection.weight": (width, width), "logit_scale": ()}
+    for i in range(layers):
+        b = f"transformer.text_model.encoder.layers.{i}"
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            _linear(s, f"{b}.self_attn.{n}", width, width)
+        _norm(s, f"{b}.layer_norm1", width)
+        _norm(s, f"{b}.layer_norm2", width)
+        _linear(s, f"{b}.mlp.fc1", mlp, width)
+        _linear(s, f"{b}.mlp.fc2", width, mlp)
+    _norm(s, "transformer.text_model.final_layer_norm", width)
+    return s
+
+
+def _hub_snapshot(hub: pathlib.Path, repo: str) -> pathlib.Path:
+    """The snapshot folder of ``repo`` in the hub cache ``hub`` (made), its ref "main" pointing at it."""
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    commit = hashlib.sha1(repo.encode()).hexdigest()  # any 40 hex digits name the one snapshot
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(commit, encoding="utf-8")
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    return snapshot
+
+
+def write_t5_tokenizer(folder: pathlib.Path) -> None:
+    """A T5TokenizerFast with T5's special tokens (pad 0, eos 1 appended to every text, unk 2) and
+    a Unigram vocabulary of single letters: the webui only tokenizes with it when T5 is on."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pieces = ["\u2581", *string.ascii_lowercase, *(f"\u2581{c}" for c in string.ascii_lowercase)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(piece, -float(len(piece))) for piece in pieces]
+    model = Tokenizer(models.Unigram(vocab, 2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                         special_tokens=[("</s>", 1)])
+    model.save(str(folder / "tokenizer.json"))
+    # extra_ids 0: T5's 100 sentinel tokens would only be added tokens here
+    T5TokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), extra_ids=0).save_pretrained(str(folder))
+
+
+def make_tiny_sd3_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """Write the SD3 checkpoint and its HF home (the two tokenizers) into ``out_dir``; return the
+    checkpoint path."""
+    out_dir = pathlib.Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = _stem(SD3_STEM, seed)
+    hub = out_dir / f"{stem}-hf" / "hub"
+    write_clip_tokenizer(_hub_snapshot(hub, CLIP_REPO))
+    write_t5_tokenizer(_hub_snapshot(hub, T5_REPO))
+    # the cache layout's version: without it transformers takes the folder for a pre-4.22 cache
+    (hub / "version.txt").write_text("1", encoding="utf-8")
+    gen = torch.Generator().manual_seed(seed)
+    half = torch.float16  # cast tensor by tensor: CLIP-G alone has 0.7 G parameters
+    state = _random(mmdit_shapes(), "model.diffusion_model.", gen, half)
+    vae = vae_shapes(ch=SD_VAE_CHANNELS, mult=SD_VAE_MULT, nres=SD_VAE_RES, z=SD3_LATENT, quant=False)
+    state |= _random(vae, "first_stage_model.", gen, half)
+    # sd3_cond.py downloads the weights of a text encoder whose position embedding is missing
+    state |= _random(sd3_clip_shapes(*SD3_CLIP_L), "text_encoders.clip_l.", gen, half)
+    state |= _random(sd3_clip_shapes(*SD3_CLIP_G), "text_encoders.clip_g.", gen, half)
+    return _save(out_dir, stem, state, None)
+
+
 WRITERS = {"sd1": make_tiny_checkpoint, "sdxl": make_tiny_sdxl_checkpoint, "forge-sd1": make_forge_sd1_checkpoint,
-           "forge-sdxl": make_forge_sdxl_checkpoint,
+           "forge-sdxl": make_forge_sdxl_checkpoint, "sd3": make_tiny_sd3_checkpoint,
            "sd1-inpaint": functools.partial(make_tiny_checkpoint, inpaint=True),
            "sdxl-inpaint": functools.partial(make_tiny_sdxl_checkpoint, inpaint=True),
            "sd2-v": make_tiny_sd2_v_checkpoint, "sdxl-refiner": make_tiny_sdxl_refiner_checkpoint}
