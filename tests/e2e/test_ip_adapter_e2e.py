@@ -13,7 +13,7 @@ every forward, each of its 16 cross-attentions ran on the tokens of its block at
 RAU-Net steps included, and added to them. 1024x1024 (2x the native side), 4 steps, T1 0.5:
 RAU-Net runs at steps 0 and 1. The region mask (the unit's ``effective_region_mask``) is resized
 to each attention's own token grid on those steps (hidiffusion_lib.controlnet.install_region_mask),
-at a size whose shrunk levels the extension's own grid rule misses too. About 12 minutes on a
+at a size whose shrunk levels the extension's own grid rule misses too. About 5 minutes on a
 2-core CPU.
 """
 
