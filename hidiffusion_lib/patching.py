@@ -15,7 +15,7 @@ from torch import nn
 from .detection import detect, find_child, transformer_block
 from .mswmsa import record_token_hw, windowed_forward
 from .raunet import input_block_hook, rad_forward, unpool_hook, upsample_forward
-from .schedule import Schedule, gated, resolve
+from .schedule import Schedule, gated, native_side, resolve
 from .settings import Settings
 from .state import SWITCHES, Forward, Resampling, State
 from .wrapping import marked, unpatch
@@ -61,11 +61,11 @@ class HiDiffusionHandle:
     def native_latent(self) -> int:
         """The latent side of the model's training size: ``settings.native_size`` where the host
         said (SD 2.x 768-v: 96), else the block map's (64 for SD 1.x/2.x, 128 for SDXL)."""
-        return self.settings.native_size or self.state.detected.block_map.native_latent
+        return native_side(self.settings, self.state.detected.block_map.native_latent)
 
     def gated_at(self, latent_h: int, latent_w: int) -> bool:
         """Whether the native-resolution gate leaves a forward at this latent size vanilla."""
-        return gated(self.settings, self.native_latent, latent_h, latent_w)
+        return gated(self.settings, self.state.detected.block_map.native_latent, latent_h, latent_w)
 
     def remove(self) -> None:
         """Restore the U-Net exactly; safe to call twice."""

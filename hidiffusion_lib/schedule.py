@@ -120,9 +120,15 @@ def step_of_progress(progress: float, steps: int) -> int:
     return min(max(int(progress * steps), 0), steps)
 
 
+def native_side(settings: Settings, native_latent: int) -> int:
+    """The latent side of the model's training size: ``settings.native_size`` where it is set
+    (the host's, e.g. 96 for SD 2.x 768-v), else the block map's ``native_latent``."""
+    return settings.native_size or native_latent
+
+
 def gated(settings: Settings, native_latent: int, latent_h: int, latent_w: int) -> bool:
     """True when the native-resolution gate turns HiDiffusion off at this latent size: the
-    latent's area is not larger than the training size's (native x native), so SDXL's
-    ~1-megapixel buckets such as 832x1216 count as native, as 512x512 does for SD 1.x."""
-    native = settings.native_size or native_latent
+    latent's area is not larger than the training size's (native x native, see native_side), so
+    SDXL's ~1-megapixel buckets such as 832x1216 count as native, as 512x512 does for SD 1.x."""
+    native = native_side(settings, native_latent)
     return settings.native_gate and latent_h * latent_w <= native * native

@@ -60,13 +60,12 @@ class A1111:
                     kind = getattr(param, "control_model_type", None)
                     if not callable(getattr(param, "control_model", None)):
                         continue
-                    end = float(getattr(param, "stop_guidance_percent", 1.0))
+                    end, name = float(getattr(param, "stop_guidance_percent", 1.0)), getattr(kind, "name", None)
                     if getattr(kind, "is_controlnet", False):
                         units.append(ControlUnit(param.control_model, end))
-                    elif getattr(kind, "name", None) == "T2I_Adapter":
+                    elif name == "T2I_Adapter":
                         units.append(ControlUnit(param.control_model, end, lands))
-                    elif getattr(kind, "name", None) == "IPAdapter" and getattr(
-                            param, "effective_region_mask", None) is not None:
+                    elif name == "IPAdapter" and getattr(param, "effective_region_mask", None) is not None:
                         units.append(ControlUnit(param.control_model, end, region_mask=True))
                 return units
         return []
