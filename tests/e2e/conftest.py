@@ -83,6 +83,24 @@ def digest(body: dict, index: int = 0) -> str:
     return hashlib.sha256(base64.b64decode(body["images"][index])).hexdigest()
 
 
+def png_base64(image) -> str:
+    """A PIL image as the API takes images: a base64 PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def control_image(width: int, height: int, shift: int = 0) -> str:
+    """A synthetic control map: white bars on black, as a base64 PNG."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(image)
+    for x in range(shift, width, width // 8):
+        draw.rectangle([x, 0, x + width // 32, height], fill="white")
+    return png_base64(image)
+
+
 def pixels(body: dict, index: int = 0):
     """Image ``index`` of an API answer, decoded to an (h, w, 3) int array."""
     import numpy as np

@@ -12,9 +12,7 @@ the ControlNet); SDXL runs 2048x2048 for 2 steps. About 10 minutes on a 2-core C
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     Webui,
+    control_image,
     digest,
     infotexts,
     needs_controlnet,
@@ -39,19 +38,6 @@ STEPS = 4
 BASE = dict(prompt="a red cube", negative_prompt="", steps=STEPS, width=1024, height=1024, sampler_name="Euler",
             seed=1, cfg_scale=7)
 ON = sa.to_positional({"enabled": True, "t1": 0.5})
-
-
-def control_image(width: int, height: int, shift: int = 0) -> str:
-    """A synthetic control map: white bars on black, as a base64 PNG."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (width, height))
-    draw = ImageDraw.Draw(image)
-    for x in range(shift, width, width // 8):
-        draw.rectangle([x, 0, x + width // 32, height], fill="white")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def unit(model: str, width: int, height: int, shift: int = 0, **overrides) -> dict:

@@ -15,15 +15,24 @@ One Forge for the module; about 3 minutes on 2 idle CPU cores (9 beside another 
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FORGE_DIR, ROOT, Webui, forge_checkpoint, forge_python, infotexts, needs_forge, running_forge
+from conftest import (
+    FORGE_DIR,
+    ROOT,
+    Webui,
+    control_image,
+    forge_checkpoint,
+    forge_python,
+    infotexts,
+    needs_forge,
+    pixels,
+    running_forge,
+)
 
 from hidiffusion_lib import script_args as sa
 
@@ -38,26 +47,6 @@ RECIPE_OFF = sa.to_positional({"enabled": True, "controlnet_recipe": False})
 # the skips of Forge's tiny SD 1.5 U-Net at the full latent (what its ControlNet's residuals have):
 # input blocks 0-2 at the latent, 3-5 at half, 6-8 at a quarter, 9-11 at an eighth (72 -> 9)
 FULL_SKIPS = [(LATENT >> level, LATENT >> level) for level in range(4) for _ in range(3)]
-
-
-def control_image(width: int, height: int) -> str:
-    """A synthetic control map: white bars on black, as a base64 PNG."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (width, height))
-    draw = ImageDraw.Draw(image)
-    for x in range(0, width, width // 8):
-        draw.rectangle([x, 0, x + width // 32, height], fill="white")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def pixels(body: dict):
-    import numpy as np
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][0]))).convert("RGB"), dtype=int)
 
 
 def sizes(forward: dict, key: str) -> list[tuple[int, int]]:

@@ -9,13 +9,11 @@ what ran; the SDXL base checkpoint beside them shows the split on at the same si
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import re
 
 import pytest
-from conftest import infotexts, needs_webui, no_traceback, pixels, running_webui, same, write_checkpoint
+from conftest import infotexts, needs_webui, no_traceback, pixels, png_base64, running_webui, same, write_checkpoint
 
 pytestmark = needs_webui
 BASE = dict(prompt="a red cube", negative_prompt="", steps=2, sampler_name="Euler", seed=1, cfg_scale=7)
@@ -41,9 +39,7 @@ def _png(size: tuple[int, int], color: tuple[int, int, int], box: tuple[int, int
     image = Image.new("RGB", size, color)
     if box:
         ImageDraw.Draw(image).rectangle(box, fill=(255, 255, 255))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return png_base64(image)
 
 
 def _schedule(body: dict) -> str:

@@ -19,8 +19,6 @@ at a size whose shrunk levels the extension's own grid rule misses too. About 5 
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 from pathlib import Path
@@ -28,16 +26,18 @@ from pathlib import Path
 import pytest
 from conftest import (
     cached_model,
+    control_image,
     infotexts,
     needs_controlnet,
     needs_webui,
     no_traceback,
     pixels,
+    png_base64,
     same,
     webui_models,
     webui_python,
 )
-from test_controlnet_e2e import Controlled, control_image, controlled_webui
+from test_controlnet_e2e import Controlled, controlled_webui
 
 from hidiffusion_lib import script_args as sa
 
@@ -89,9 +89,7 @@ def region_mask(width: int, height: int) -> str:
 
     image = Image.new("RGB", (width, height))
     ImageDraw.Draw(image).rectangle([0, 0, width // 2 - 1, height], fill="white")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return png_base64(image)
 
 
 def per_forward(calls: list[dict]) -> list[dict[int, dict]]:
